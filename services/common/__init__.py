@@ -1,0 +1,1 @@
+"""Code every stage shares: errors, configuration helpers, and (later) tracing and the server factory."""

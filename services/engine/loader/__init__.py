@@ -1,0 +1,1 @@
+"""Weight loaders: HF directories, GGUF files and named dummy shapes."""

@@ -1,0 +1,1 @@
+"""Tokenization, chat templates and stateless incremental detokenization."""
