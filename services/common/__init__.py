@@ -1,1 +1,1 @@
-"""Code every stage shares: errors, configuration helpers, and (later) tracing and the server factory."""
+"""Code every stage shares: errors, config helpers, the gRPC server factory and its error interceptor."""

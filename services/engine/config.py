@@ -1,0 +1,88 @@
+"""Configuration of the model (read from the weights) and of the engine (runtime knobs).
+
+Neither dataclass does I/O or reads the environment: loaders fill `ModelConfig` from a file's
+metadata, and the CLI fills `EngineConfig` from flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stageserve.common.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 style frequency-dependent RoPE scaling (`rope_type: llama3` in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2)."""
+
+    architecture: str  # "llama" | "mistral" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count, counting a tied embedding once."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        q = self.num_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime knobs of one engine. Every trade-off is a field with a sane default."""
+
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block", "min": 1, "max": 256})
+    num_blocks: int = field(
+        default=2048, metadata={"help": "KV-cache blocks in the pool (its size in tokens is this x block_size)", "min": 2}
+    )
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one running batch", "min": 1})
+    max_num_batched_tokens: int = field(
+        default=512, metadata={"help": "token budget of one step; the chunked-prefill chunk size", "min": 1}
+    )
+    max_waiting: int = field(default=1024, metadata={"help": "most requests waiting to be scheduled", "min": 0})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prefixes"})
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "context limit in tokens (default: the model's own)", "min": 1}
+    )
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    seed: int = field(default=0, metadata={"help": "seed of the generator for unseeded sampled requests", "min": 0})
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidArgumentError(name, "must be >= 1")
+        if self.max_waiting < 0:
+            raise InvalidArgumentError("max_waiting", "must be >= 0")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidArgumentError("dtype", f"unknown dtype {self.dtype!r}")

@@ -1,0 +1,140 @@
+"""Load a GGUF file: F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, dequantized at load.
+
+llama.cpp's converter permutes the rows of q and k so that rotary pairs are interleaved (GPT-J
+style); our model, like HF's, rotates halves, so those rows are permuted back here. Only the
+`llama` architecture is permuted: llama.cpp stores Qwen2 in NEOX (rotate-half) order already.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from stageserve.common.errors import ModelLoadError
+from stageserve.engine.config import ModelConfig
+from stageserve.engine.loader.weights import LoadedModel, progress
+
+SUPPORTED_TYPES = {
+    gguf.GGMLQuantizationType.F32,
+    gguf.GGMLQuantizationType.F16,
+    gguf.GGMLQuantizationType.BF16,
+    gguf.GGMLQuantizationType.Q8_0,
+    gguf.GGMLQuantizationType.Q4_0,
+    gguf.GGMLQuantizationType.Q4_1,
+}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+
+
+def read_gguf(path: Path) -> gguf.GGUFReader:
+    """Open a GGUF file, turning every parse failure into a ModelLoadError."""
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError... on corrupt input
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+
+
+def field_value(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader, name: str) -> ModelConfig:
+    arch = field_value(reader, "general.architecture")
+    if arch not in ("llama", "mistral", "qwen2"):
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: llama, mistral, qwen2)")
+
+    def key(suffix: str, default=None):
+        value = field_value(reader, f"{arch}.{suffix}", default)
+        if value is None:
+            raise ModelLoadError(f"GGUF metadata lacks {arch}.{suffix}")
+        return value
+
+    hidden = int(key("embedding_length"))
+    num_heads = int(key("attention.head_count"))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = field_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+        head_dim=int(key("attention.key_length", hidden // num_heads)),
+        max_position_embeddings=int(key("context_length")),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        name=str(field_value(reader, "general.name", "gguf-model")),
+    )
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k permutation: interleaved rotary pairs back to rotate-half order."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    return None
+
+
+def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    reader = read_gguf(path)
+    config = config_from_gguf(reader, name or path.stem)
+    if name:
+        config = ModelConfig(**{**config.__dict__, "name": name})
+    state: dict[str, torch.Tensor] = {}
+    with progress(len(reader.tensors), f"loading {path.name}") as bar:
+        for tensor in reader.tensors:
+            bar.update()
+            target = hf_name(tensor.name)
+            if target is None:
+                continue
+            if tensor.tensor_type not in SUPPORTED_TYPES:
+                raise ModelLoadError(f"{tensor.name}: GGUF type {tensor.tensor_type.name} is not supported")
+            try:
+                array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            except Exception as exc:  # truncated or mis-sized data
+                raise ModelLoadError(f"{path}: tensor {tensor.name} is corrupt ({exc})") from exc
+            if config.architecture in ("llama", "mistral"):
+                if tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
+                    array = unpermute_rows(array, config.num_heads)
+                elif tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
+                    array = unpermute_rows(array, config.num_kv_heads)
+            state[target] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if "model.embed_tokens.weight" not in state:
+        raise ModelLoadError(f"{path}: no token_embd.weight tensor")
+    return LoadedModel(config=config, state_dict=state, tokenizer_source=path, source=str(path))

@@ -1,0 +1,78 @@
+"""Load a Hugging Face model directory: `config.json`, `*.safetensors`, and the tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from stageserve.common.errors import ModelLoadError
+from stageserve.engine.config import ModelConfig, RopeScaling
+from stageserve.engine.loader.weights import LoadedModel, progress
+
+_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+def config_from_hf(raw: dict, name: str) -> ModelConfig:
+    archs = raw.get("architectures") or []
+    arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
+    if arch is None:
+        raise ModelLoadError(f"unsupported architectures {archs} (supported: {sorted(_ARCHITECTURES)})")
+    scaling = raw.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type not in (None, "default", "llama3"):
+        raise ModelLoadError(f"unsupported rope_scaling type {rope_type!r}")
+    hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=raw["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads", heads),
+        head_dim=raw.get("head_dim") or hidden // heads,
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
+        rope_theta=raw.get("rope_theta", 10000.0),
+        rope_scaling=RopeScaling(
+            factor=scaling["factor"],
+            low_freq_factor=scaling["low_freq_factor"],
+            high_freq_factor=scaling["high_freq_factor"],
+            original_max_position_embeddings=scaling["original_max_position_embeddings"],
+        )
+        if rope_type == "llama3"
+        else None,
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        attention_bias=raw.get("attention_bias", arch == "qwen2"),
+        name=name,
+    )
+
+
+def load_hf_dir(path: Path) -> LoadedModel:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: no config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_file}: invalid JSON ({exc})") from exc
+    config = config_from_hf(raw, path.name)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                keys = list(f.keys())
+                with progress(len(keys), f"loading {file.name}") as bar:
+                    for key in keys:
+                        state[key] = f.get_tensor(key)
+                        bar.update()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: unreadable safetensors ({exc})") from exc
+    tokenizer = path if (path / "tokenizer.json").is_file() else None
+    return LoadedModel(config=config, state_dict=state, tokenizer_source=tokenizer, source=str(path))

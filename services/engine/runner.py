@@ -1,0 +1,114 @@
+"""Turns a SchedulerOutput into one forward pass over the paged KV cache, then samples.
+
+The runner owns the model, the KV cache tensors and the sampler. It packs every scheduled
+request's new tokens into one flat batch, builds the `AttentionMetadata` for it, and projects to
+logits only the rows whose request has caught up with its tokens (a prefill chunk in the middle of
+a prompt samples nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stageserve.engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
+from stageserve.engine.config import EngineConfig, ModelConfig
+from stageserve.engine.model import LlamaModel
+from stageserve.engine.scheduler import SchedulerOutput
+from stageserve.sample.sampler import SampledToken, Sampler, SamplingRow
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        eos_token_id: int | None = None,
+        backend: AttentionBackend | None = None,
+    ):
+        self.model_config, self.config = model_config, engine_config
+        self.device, self.dtype = device, dtype
+        freq_factors = state_dict.get("rope_freqs")
+        with torch.device("meta"):  # skip random init: every weight is overwritten below
+            model = LlamaModel(model_config, backend or TorchAttention(), freq_factors=freq_factors)
+        model = model.to_empty(device=device).to(dtype)
+        model.load_hf_state_dict(state_dict)
+        model.rope.reset_tables()  # float32, whatever the weights' dtype
+        self.model = model.eval()
+        self.kv_caches = self._allocate_kv_cache()
+        generator = torch.Generator(device=device).manual_seed(engine_config.seed)
+        self.sampler = Sampler(eos_token_id=eos_token_id, generator=generator)
+
+    def _allocate_kv_cache(self) -> list[torch.Tensor]:
+        c, m = self.config, self.model_config
+        shape = (2, c.num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
+        return [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(m.num_layers)]
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv_caches)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> list[SampledToken | None]:
+        """Run one step; returns, per scheduled request, its sampled token or None (mid-prefill)."""
+        input_ids, positions, slots, meta, sample_rows = self._prepare(sched)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [num_tokens, hidden]
+        results: list[SampledToken | None] = [None] * len(sched.scheduled)
+        if not sample_rows:
+            return results
+        indices = torch.tensor([row for _, row in sample_rows], device=self.device)
+        logits = self.model.compute_logits(hidden[indices])  # [num_sampled, vocab]
+        rows = [
+            SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids)
+            for r in (sched.scheduled[i].request for i, _ in sample_rows)
+        ]
+        for (i, _), token in zip(sample_rows, self.sampler(logits, rows).to_lists()):
+            results[i] = token
+        return results
+
+    def _prepare(self, sched: SchedulerOutput):
+        bs = self.config.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[tuple[int, int]] = []  # (index in schedule, row in the flat batch)
+        for i, s in enumerate(sched.scheduled):
+            r, start = s.request, s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            input_ids += r.token_slice(start, end)
+            positions += range(start, end)
+            slots += (s.block_ids[p // bs] * bs + p % bs for p in range(start, end))
+            query_start_loc.append(len(input_ids))
+            seq_lens.append(end)
+            if end == r.num_tokens:
+                sample_rows.append((i, len(input_ids) - 1))
+        max_blocks = max(len(s.block_ids) for s in sched.scheduled)
+        table = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.scheduled]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(table, dtype=torch.int64, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+            query_start_loc=query_start_loc,
+            seq_lens_host=seq_lens,
+            max_seq_len=max(seq_lens),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos, slots, meta, sample_rows

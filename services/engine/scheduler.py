@@ -1,0 +1,140 @@
+"""Iteration-level scheduling by token budget.
+
+There are no prefill and decode phases here. Each step has a budget of `max_num_batched_tokens`,
+and each request asks for `num_tokens - num_computed_tokens` of it. Running requests are served
+first, in arrival order, so a decode (one token) is never starved by a long prompt; what budget
+remains admits waiting requests, whose prompts are cut into chunks that fit (chunked prefill). A
+prefix-cache hit simply starts a request with `num_computed_tokens` already advanced.
+
+When the KV pool cannot grow a running request, the most recently arrived running request is
+preempted: its blocks are freed and it goes back to the front of the waiting queue, to be recomputed
+later (cheaply, if its blocks are still in the prefix cache). The oldest request can always make
+progress, because no request is admitted that needs more blocks than the whole pool, so preemption
+cannot deadlock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from stageserve.common.errors import ResourceExhaustedError
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.kv_cache_manager import KVCacheManager
+from stageserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes: requests in batch order, each with how many new tokens."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_waiting = 0  # live requests in `waiting`; aborted ones are skipped lazily
+
+    def add(self, request: Request) -> None:
+        if self.num_waiting >= self.config.max_waiting:
+            raise ResourceExhaustedError(f"waiting queue is full ({self.config.max_waiting} requests)")
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.num_waiting += 1
+
+    def has_work(self) -> bool:
+        return bool(self.running) or self.num_waiting > 0
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            block_ids = self._allocate_or_preempt(request, num_new, out)
+            if block_ids is None:  # it preempted itself: nothing after it can run either
+                break
+            out.scheduled.append(ScheduledRequest(request, num_new, block_ids))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> list[int] | None:
+        while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return None
+        return block_ids
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if request.is_finished:  # aborted while waiting
+                self.waiting.popleft()
+                continue
+            hits = self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
+            num_cached = len(hits) * self.kv.block_size
+            num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
+            block_ids = self.kv.allocate_slots(request, num_new, hits)
+            if block_ids is None:
+                break
+            self.waiting.popleft()
+            self.num_waiting -= 1
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens += num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new, block_ids))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self.num_waiting += 1
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request in any state and free its blocks at once."""
+        if request.is_finished:
+            return
+        was_waiting = request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+        request.status = status
+        self.kv.free(request)
+        if was_waiting:
+            self.num_waiting -= 1  # its queue entry is skipped when it reaches the front
+
+    def remove_finished(self) -> None:
+        if any(r.is_finished for r in self.running):
+            self.running = [r for r in self.running if not r.is_finished]
