@@ -93,8 +93,9 @@ class BlockPool:
     def free(self, blocks: list[KVBlock]) -> None:
         """Drop a reference; blocks nobody holds go to the tail of the free list (most recently used)."""
         for block in blocks:
+            # Checked before the decrement, so a double free leaves the pool as it was.
+            assert block.ref_cnt > 0, f"block {block.block_id} freed twice"
             block.ref_cnt -= 1
-            assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
             if block.ref_cnt == 0:
                 self.free_queue.append(block)
 

@@ -76,7 +76,7 @@ class EngineConfig:
     )
     dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    seed: int = field(default=0, metadata={"help": "seed of the generator for unseeded sampled requests", "min": 0})
+    sampler_seed: int = field(default=0, metadata={"help": "seed of the generator for unseeded sampled requests", "min": 0})
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):

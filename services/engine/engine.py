@@ -65,7 +65,7 @@ class LLMEngine:
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=self.device, dtype=self.dtype)
-        self.loaded = loaded
+        self.model_source = loaded.source
         self.model_config: ModelConfig = loaded.config
         self.max_model_len = min(
             self.config.max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
@@ -81,7 +81,6 @@ class LLMEngine:
             dtype=self.dtype,
             eos_token_id=min(eos_token_ids) if eos_token_ids else None,
         )
-        loaded.state_dict = {}  # the model holds its own copy; drop the loader's
         self.requests: dict[str, Request] = {}
         self.counters = StepCounters()
 

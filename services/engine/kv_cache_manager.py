@@ -80,12 +80,13 @@ class KVCacheManager:
         `computed` are prefix-cache hits (only on first scheduling). Returns the request's full block
         id list, or None, changing nothing, if the pool cannot supply enough blocks.
         """
-        blocks = self.req_blocks.setdefault(request.request_id, [])
+        blocks = self.req_blocks.get(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed) * self.block_size
         needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(blocks) - len(computed)
         reviving = sum(1 for b in computed if b.ref_cnt == 0)  # hits that leave the free list
         if max(needed, 0) + reviving > self.pool.num_free_blocks:
             return None
+        self.req_blocks[request.request_id] = blocks
         self.pool.touch(list(computed))
         blocks.extend(computed)
         if needed > 0:

@@ -51,7 +51,7 @@ class ModelRunner:
         model.rope.reset_tables()  # float32, whatever the weights' dtype
         self.model = model.eval()
         self.kv_caches = self._allocate_kv_cache()
-        generator = torch.Generator(device=device).manual_seed(engine_config.seed)
+        generator = torch.Generator(device=device).manual_seed(engine_config.sampler_seed)
         self.sampler = Sampler(eos_token_id=eos_token_id, generator=generator)
 
     def _allocate_kv_cache(self) -> list[torch.Tensor]:

@@ -62,6 +62,7 @@ def field_value(reader: gguf.GGUFReader, key: str, default=None):
 
 
 def config_from_gguf(reader: gguf.GGUFReader, name: str) -> ModelConfig:
+    """The model's shape from a GGUF file's metadata; `name` is used when the file has no general.name."""
     arch = field_value(reader, "general.architecture")
     if arch not in ("llama", "mistral", "qwen2"):
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r} (supported: llama, mistral, qwen2)")
@@ -72,26 +73,37 @@ def config_from_gguf(reader: gguf.GGUFReader, name: str) -> ModelConfig:
             raise ModelLoadError(f"GGUF metadata lacks {arch}.{suffix}")
         return value
 
-    hidden = int(key("embedding_length"))
-    num_heads = int(key("attention.head_count"))
-    tensor_names = {t.name for t in reader.tensors}
-    vocab = field_value(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
-        num_heads=num_heads,
-        num_kv_heads=int(key("attention.head_count_kv", num_heads)),
-        head_dim=int(key("attention.key_length", hidden // num_heads)),
-        max_position_embeddings=int(key("context_length")),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
-        name=str(field_value(reader, "general.name", "gguf-model")),
-    )
+    tensors = {t.name: t for t in reader.tensors}
+    try:  # wrong value types (e.g. per-layer head counts) or inconsistent shapes
+        hidden = int(key("embedding_length"))
+        num_heads = int(key("attention.head_count"))
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(field_value(reader, f"{arch}.vocab_size") or _vocab_size(reader, tensors)),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+            head_dim=int(key("attention.key_length", hidden // num_heads)),
+            max_position_embeddings=int(key("context_length")),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            tie_word_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors,
+            name=str(field_value(reader, "general.name") or name),
+        )
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ModelLoadError(f"GGUF metadata of {arch!r} model is invalid ({exc})") from exc
+
+
+def _vocab_size(reader: gguf.GGUFReader, tensors: dict[str, gguf.ReaderTensor]) -> int:
+    """Without `<arch>.vocab_size`: the embedding's row count, else the tokenizer's token count."""
+    if "token_embd.weight" in tensors:
+        return int(tensors["token_embd.weight"].shape[-1])  # GGUF lists dims fastest first: [hidden, vocab]
+    if "tokenizer.ggml.tokens" in reader.fields:
+        return len(reader.fields["tokenizer.ggml.tokens"].data)
+    raise ModelLoadError("GGUF file has no vocab_size, token_embd.weight or tokenizer.ggml.tokens")
 
 
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -134,7 +146,8 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
                     array = unpermute_rows(array, config.num_heads)
                 elif tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
                     array = unpermute_rows(array, config.num_kv_heads)
-            state[target] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+            array = np.ascontiguousarray(array, dtype=np.float32)
+            state[target] = torch.from_numpy(array if array.flags.writeable else array.copy())
     if "model.embed_tokens.weight" not in state:
         raise ModelLoadError(f"{path}: no token_embd.weight tensor")
     return LoadedModel(config=config, state_dict=state, tokenizer_source=path, source=str(path))

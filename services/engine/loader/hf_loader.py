@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from stageserve.common.errors import ModelLoadError
 from stageserve.engine.config import ModelConfig, RopeScaling
@@ -20,10 +20,21 @@ def config_from_hf(raw: dict, name: str) -> ModelConfig:
     arch = next((_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES), None)
     if arch is None:
         raise ModelLoadError(f"unsupported architectures {archs} (supported: {sorted(_ARCHITECTURES)})")
-    scaling = raw.get("rope_scaling") or {}
+    # transformers >= 5 writes `rope_parameters` (holding rope_theta too); older versions write
+    # `rope_scaling` plus a top-level `rope_theta`. Read both, or Llama 3 scaling is silently lost.
+    scaling = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type not in (None, "default", "llama3"):
         raise ModelLoadError(f"unsupported rope_scaling type {rope_type!r}")
+    try:
+        return _model_config(raw, arch, scaling, rope_type, name)
+    except KeyError as exc:
+        raise ModelLoadError(f"config.json lacks {exc.args[0]!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"config.json is malformed ({exc})") from exc
+
+
+def _model_config(raw: dict, arch: str, scaling: dict, rope_type: str | None, name: str) -> ModelConfig:
     hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
     return ModelConfig(
         architecture=arch,
@@ -32,11 +43,11 @@ def config_from_hf(raw: dict, name: str) -> ModelConfig:
         intermediate_size=raw["intermediate_size"],
         num_layers=raw["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=raw.get("num_key_value_heads", heads),
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
         head_dim=raw.get("head_dim") or hidden // heads,
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
-        rope_theta=raw.get("rope_theta", 10000.0),
+        rope_theta=scaling.get("rope_theta", raw.get("rope_theta", 10000.0)),
         rope_scaling=RopeScaling(
             factor=scaling["factor"],
             low_freq_factor=scaling["low_freq_factor"],
@@ -72,7 +83,7 @@ def load_hf_dir(path: Path) -> LoadedModel:
                     for key in keys:
                         state[key] = f.get_tensor(key)
                         bar.update()
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(f"{path}: unreadable safetensors ({exc})") from exc
     tokenizer = path if (path / "tokenizer.json").is_file() else None
     return LoadedModel(config=config, state_dict=state, tokenizer_source=tokenizer, source=str(path))
