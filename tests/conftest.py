@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
+
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.engine import LLMEngine
+from stageserve.engine.loader.default_model import default_model_path
+from stageserve.engine.loader.weights import LoadedModel, load_model
+from stageserve.tokenizer.text_tokenizer import TextTokenizer, load_tokenizer
 
 # Two threads match the CI machine; more only adds contention there.
 torch.set_num_threads(int(os.environ.get("STAGESERVE_TEST_THREADS", "2")))
@@ -18,3 +25,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_weights() -> LoadedModel:
+    return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> TextTokenizer:
+    return load_tokenizer(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def make_engine(default_weights, tokenizer):
+    """Build an engine on the shared weights with any EngineConfig overrides."""
+
+    def make(**overrides) -> LLMEngine:
+        config = dataclasses.replace(EngineConfig(num_blocks=256, device="cpu", dtype="float32"), **overrides)
+        return LLMEngine(default_weights, config, eos_token_ids=tokenizer.stop_token_ids)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def engine(make_engine) -> LLMEngine:
+    return make_engine()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stageserve.common.errors import InvalidArgumentError, NotFoundError
+from stageserve.common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from stageserve.engine.config import EngineConfig, ModelConfig
 from stageserve.engine.kv_cache_manager import KVCacheManager, KVPoolStats
 from stageserve.engine.loader.weights import LoadedModel, load_model
@@ -41,6 +41,8 @@ class EngineStats:
     kv: KVPoolStats
     num_running: int
     num_waiting: int
+    num_reserved_blocks: int  # decode: allocated for KV that is still arriving
+    num_held_blocks: int  # prefill: kept for a KV transfer that has not finished
     num_steps: int
     num_preemptions: int
 
@@ -79,9 +81,10 @@ class LLMEngine:
             loaded.state_dict,
             device=self.device,
             dtype=self.dtype,
-            eos_token_id=min(eos_token_ids) if eos_token_ids else None,
+            eos_token_id=eos_token_ids or None,
         )
         self.requests: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # finished prefill-only requests whose blocks await transfer
         self.counters = StepCounters()
 
     # -- requests -------------------------------------------------------------------------------
@@ -92,10 +95,17 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        prefill_only: bool = False,
     ) -> Request:
-        """Validate and enqueue a request. Raises InvalidArgumentError naming the bad field."""
+        """Validate and enqueue a request. Raises InvalidArgumentError naming the bad field.
+
+        A `prefill_only` request finishes after its first token and keeps its blocks (see
+        `held_block_ids` / `release_held`) so a KV transport can read them.
+        """
         self._validate(request_id, prompt_token_ids, params)
-        request = Request(request_id, list(prompt_token_ids), params, cache_salt=cache_salt or None)
+        request = Request(
+            request_id, list(prompt_token_ids), params, cache_salt=cache_salt or None, prefill_only=prefill_only
+        )
         self.scheduler.add(request)
         self.requests[request_id] = request
         return request
@@ -103,13 +113,11 @@ class LLMEngine:
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if not request_id:
             raise InvalidArgumentError("request_id", "must not be empty")
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.held:
             raise InvalidArgumentError("request_id", f"{request_id!r} is already in flight")
         if not prompt:
             raise InvalidArgumentError("prompt", "must not be empty")
-        vocab = self.model_config.vocab_size
-        if any(not (0 <= t < vocab) for t in prompt):
-            raise InvalidArgumentError("prompt_token_ids", f"token ids must be in [0, {vocab})")
+        self._check_token_ids("prompt_token_ids", prompt)
         params.validate()
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
@@ -125,12 +133,85 @@ class LLMEngine:
             )
 
     def abort(self, request_id: str) -> None:
-        """Finish a request now and free its blocks. Unknown or finished ids raise NotFoundError."""
+        """Finish a request in any state (waiting, running, reserved or held) and free its blocks now.
+
+        Unknown or already released ids raise NotFoundError.
+        """
         request = self.requests.pop(request_id, None)
-        if request is None:
+        if request is not None and request.status is RequestStatus.RESERVED:
+            request.status = RequestStatus.FINISHED_ABORTED
+            self.kv.free(request)
+            return
+        if request is not None:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            self.scheduler.remove_finished()
+            return
+        held = self.held.pop(request_id, None)
+        if held is None:
             raise NotFoundError(f"no request {request_id!r} in flight")
-        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-        self.scheduler.remove_finished()
+        self.kv.free(held)
+
+    # -- disaggregation: the prefill side holds blocks, the decode side reserves them ------------
+
+    def held_block_ids(self, request_id: str) -> list[int]:
+        """Blocks of a finished prefill-only request, in token order, until `release_held`."""
+        if request_id not in self.held:
+            raise NotFoundError(f"no held KV for request {request_id!r}")
+        return self.kv.block_ids(request_id)
+
+    def release_held(self, request_id: str) -> None:
+        held = self.held.pop(request_id, None)
+        if held is not None:
+            self.kv.free(held)
+
+    def reserve(self, request_id: str, num_prompt_tokens: int, params: SamplingParams) -> list[int]:
+        """Allocate blocks for a prompt whose KV will arrive from a prefill worker.
+
+        Raises ResourceExhaustedError when the pool is short, InvalidArgumentError for bad sizes.
+        """
+        self._validate(request_id, [0] * num_prompt_tokens, params)
+        request = Request(request_id, [0] * num_prompt_tokens, params, status=RequestStatus.RESERVED)
+        if self.kv.allocate_slots(request, num_prompt_tokens) is None:
+            self.kv.free(request)
+            raise ResourceExhaustedError(f"KV pool cannot hold {num_prompt_tokens} more tokens now", retry_after_s=0.5)
+        self.requests[request_id] = request
+        return self.kv.block_ids(request_id)
+
+    def attach(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: SampledToken,
+        num_cached_tokens: int = 0,
+    ) -> RequestOutput | None:
+        """Turn a reservation whose KV has landed into a running request that continues after `first_token`.
+
+        Returns a finished RequestOutput if the first token already ends the request, else None.
+        """
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RESERVED:
+            raise NotFoundError(f"no reservation for request {request_id!r}")
+        if len(prompt_token_ids) != len(request.prompt_token_ids):
+            raise InvalidArgumentError(
+                "prompt_token_ids", f"{len(prompt_token_ids)} tokens, but {len(request.prompt_token_ids)} were reserved"
+            )
+        self._check_token_ids("prompt_token_ids", prompt_token_ids)
+        self._check_token_ids("first_token", [first_token.token_id])
+        self.scheduler.check_capacity()  # before any change, so a refusal leaves the reservation intact
+        request.prompt_token_ids = list(prompt_token_ids)
+        request.num_computed_tokens = len(prompt_token_ids)
+        request.num_cached_tokens = num_cached_tokens
+        self.kv.cache_blocks(request)
+        out = self._append_token(request, first_token)
+        if out.finished:
+            return out
+        self.scheduler.add(request)
+        return None
+
+    def _check_token_ids(self, field: str, ids: list[int]) -> None:
+        vocab = self.model_config.vocab_size
+        if any(not (0 <= t < vocab) for t in ids):
+            raise InvalidArgumentError(field, f"token ids must be in [0, {vocab})")
 
     def finish_stopped(self, request_id: str) -> None:
         """End a request because the caller found a stop string in its text."""
@@ -170,16 +251,21 @@ class LLMEngine:
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         status = self._check_stop(request, token.token_id)
+        handed_off = status is None and request.prefill_only  # a decode worker carries on from here
+        if handed_off:
+            status = RequestStatus.FINISHED_LENGTH
         if status is not None:
-            self.scheduler.finish(request, status)
+            self.scheduler.finish(request, status, free_blocks=not request.prefill_only)
             self.requests.pop(request.request_id, None)
+            if request.prefill_only:
+                self.held[request.request_id] = request
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=[token.token_id],
             new_logprobs=[token.logprob],
             new_top_logprobs=[list(token.top_logprobs)] if request.sampling_params.logprobs else [],
             finished=status is not None,
-            finish_reason=status.value if status else None,
+            finish_reason=status.value if status and not handed_off else None,
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=max(request.num_cached_tokens, 0),
         )
@@ -214,6 +300,10 @@ class LLMEngine:
             kv=self.kv.stats(),
             num_running=len(self.scheduler.running),
             num_waiting=self.scheduler.num_waiting,
+            num_reserved_blocks=sum(
+                len(self.kv.block_ids(r.request_id)) for r in self.requests.values() if r.status is RequestStatus.RESERVED
+            ),
+            num_held_blocks=sum(len(self.kv.block_ids(rid)) for rid in self.held),
             num_steps=self.counters.steps,
             num_preemptions=self.counters.preemptions,
         )

@@ -195,3 +195,7 @@ class LlamaModel(nn.Module):
             put(layer.mlp.down_proj.weight, take(p + "mlp.down_proj.weight"), p + "mlp.down_proj")
             put(layer.input_layernorm.weight, take(p + "input_layernorm.weight"), p + "input_layernorm")
             put(layer.post_attention_layernorm.weight, take(p + "post_attention_layernorm.weight"), p + "post_norm")
+        ignorable = {"rope_freqs", "lm_head.weight"} if cfg.tie_word_embeddings else {"rope_freqs"}
+        unused = sorted(set(state) - taken - ignorable)
+        if unused:  # an unsupported variant (extra biases, other layers) would otherwise run silently wrong
+            raise ModelLoadError(f"weights not used by the model: {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")

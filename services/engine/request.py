@@ -8,6 +8,13 @@ Life of a request:
 
     abort() from any live state -> FINISHED_ABORTED, and its blocks go back to the pool at once.
 
+In a prefill/decode split the two halves are separate engines:
+
+    prefill worker:  add_request(prefill_only) -> ... -> first token -> FINISHED_*, blocks HELD
+                     until release_held() (after the KV transfer, or on failure)
+    decode worker:   reserve() -> RESERVED (blocks allocated, KV arriving) -> attach(first token)
+                     -> WAITING -> RUNNING -> ... as above; cancel_reservation() frees a RESERVED one
+
 `num_computed_tokens` chases `num_tokens`: a step computes some of the gap (a prefill chunk, or the one
 token sampled last step), and when it catches up a new token is sampled. Prefix-cache hits,
 chunked prefill and preemption by recompute are all just moves of that one counter.
@@ -23,6 +30,7 @@ from stageserve.sample.params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    RESERVED = "reserved"
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
@@ -51,6 +59,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit on first scheduling; -1 until then
     num_preemptions: int = 0
     first_token_time: float | None = None
+    prefill_only: bool = False  # finish after the first token and hold the blocks for a KV transfer
 
     @property
     def num_tokens(self) -> int:

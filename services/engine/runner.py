@@ -59,6 +59,16 @@ class ModelRunner:
         shape = (2, c.num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
         return [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(m.num_layers)]
 
+    def read_kv(self, layer: int, block_ids: list[int]) -> torch.Tensor:
+        """A copy of one layer's pages: [2, len(block_ids), block_size, num_kv_heads, head_dim]."""
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        return self.kv_caches[layer].index_select(1, index)
+
+    def write_kv(self, layer: int, block_ids: list[int], pages: torch.Tensor) -> None:
+        """Overwrite one layer's pages; the caller has validated ids, dtype and shape."""
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        self.kv_caches[layer].index_copy_(1, index, pages.to(self.device, self.dtype))
+
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
 

@@ -6,7 +6,7 @@ first, in arrival order, so a decode (one token) is never starved by a long prom
 remains admits waiting requests, whose prompts are cut into chunks that fit (chunked prefill). A
 prefix-cache hit simply starts a request with `num_computed_tokens` already advanced.
 
-When the KV pool cannot grow a running request, the most recently arrived running request is
+When the KV pool cannot grow a running request, the most recently admitted running request is
 preempted: its blocks are freed and it goes back to the front of the waiting queue, to be recomputed
 later (cheaply, if its blocks are still in the prefix cache). The oldest request can always make
 progress, because no request is admitted that needs more blocks than the whole pool, so preemption
@@ -55,9 +55,12 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_waiting = 0  # live requests in `waiting`; aborted ones are skipped lazily
 
-    def add(self, request: Request) -> None:
+    def check_capacity(self) -> None:
         if self.num_waiting >= self.config.max_waiting:
             raise ResourceExhaustedError(f"waiting queue is full ({self.config.max_waiting} requests)")
+
+    def add(self, request: Request) -> None:
+        self.check_capacity()
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self.num_waiting += 1
@@ -125,13 +128,14 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_waiting += 1
 
-    def finish(self, request: Request, status: RequestStatus) -> None:
-        """End a request in any state and free its blocks at once."""
+    def finish(self, request: Request, status: RequestStatus, free_blocks: bool = True) -> None:
+        """End a request in any state; its blocks are freed at once unless the caller holds them."""
         if request.is_finished:
             return
         was_waiting = request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         request.status = status
-        self.kv.free(request)
+        if free_blocks:
+            self.kv.free(request)
         if was_waiting:
             self.num_waiting -= 1  # its queue entry is skipped when it reaches the front
 

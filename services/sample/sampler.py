@@ -18,7 +18,7 @@ CPU and CUDA generators give different streams).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -166,7 +166,7 @@ def apply_penalties(logits: Tensor, rows: Sequence[SamplingRow], params: BatchPa
         logits -= params.frequency[:, None] * counts + params.presence[:, None] * (counts > 0)
 
 
-def apply_min_tokens(logits: Tensor, rows: Sequence[SamplingRow], eos_token_id: int | None) -> None:
+def apply_min_tokens(logits: Tensor, rows: Sequence[SamplingRow], eos_token_ids: int | Collection[int] | None) -> None:
     """In place on contiguous logits [batch, vocab]: while a row has generated fewer than min_tokens, its
     stop ids (and EOS) cannot be picked."""
     vocab = logits.shape[1]
@@ -174,7 +174,7 @@ def apply_min_tokens(logits: Tensor, rows: Sequence[SamplingRow], eos_token_id: 
         i * vocab + token
         for i, row in enumerate(rows)
         if len(row.output_token_ids) < row.params.min_tokens
-        for token in _stopping_ids(row.params, eos_token_id)
+        for token in _stopping_ids(row.params, eos_token_ids)
         if token < vocab
     ]
     if flat:
@@ -183,9 +183,12 @@ def apply_min_tokens(logits: Tensor, rows: Sequence[SamplingRow], eos_token_id: 
         logits.view(-1).scatter_(0, index, _NEG_INF)
 
 
-def _stopping_ids(params: SamplingParams, eos_token_id: int | None) -> tuple[int, ...]:
+def _stopping_ids(params: SamplingParams, eos_token_ids: int | Collection[int] | None) -> tuple[int, ...]:
     """Ids that would end this request now; EOS does not when ignore_eos is set."""
-    eos = () if params.ignore_eos or eos_token_id is None else (eos_token_id,)
+    if params.ignore_eos or eos_token_ids is None:
+        eos: tuple[int, ...] = ()
+    else:
+        eos = (eos_token_ids,) if isinstance(eos_token_ids, int) else tuple(sorted(eos_token_ids))
     return (*params.stop_token_ids, *eos)
 
 
@@ -217,8 +220,8 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 class Sampler:
     """Turns a step's logits into tokens. Holds only the RNG of unseeded rows and the EOS id."""
 
-    def __init__(self, eos_token_id: int | None = None, generator: torch.Generator | None = None):
-        self.eos_token_id = eos_token_id
+    def __init__(self, eos_token_id: int | Collection[int] | None = None, generator: torch.Generator | None = None):
+        self.eos_token_id = eos_token_id  # one id, or every id that ends a sequence (Llama 3 has three)
         self._given_generator = generator
         self._own_generators: dict[torch.device, torch.Generator] = {}  # made lazily, one per device seen
 

@@ -55,9 +55,13 @@ class DetokenizeInput:
         token_ids = tuple(pb.token_ids)
         check_token_ids(token_ids, vocab_size, "token_ids")
         if pb.read_offset > len(token_ids):
-            raise InvalidArgumentError("read_offset", f"must be <= len(token_ids) = {len(token_ids)}, got {pb.read_offset}")
+            raise InvalidArgumentError(
+                "read_offset", f"must be <= len(token_ids) = {len(token_ids)}, got {pb.read_offset}"
+            )
         if pb.prefix_offset > pb.read_offset:
-            raise InvalidArgumentError("prefix_offset", f"must be <= read_offset = {pb.read_offset}, got {pb.prefix_offset}")
+            raise InvalidArgumentError(
+                "prefix_offset", f"must be <= read_offset = {pb.read_offset}, got {pb.prefix_offset}"
+            )
         return cls(token_ids, pb.prefix_offset, pb.read_offset, pb.skip_special_tokens)
 
 

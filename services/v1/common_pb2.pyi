@@ -184,14 +184,14 @@ class KVTransferDescriptor(_message.Message):
     def __init__(self, transport: _Optional[str] = ..., reservation_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., ttl_ms: _Optional[int] = ..., host: _Optional[_Union[HostTransportParams, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcTransportParams, _Mapping]] = ..., nccl: _Optional[_Union[NcclTransportParams, _Mapping]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("reservation_id", "layer_index", "block_ids", "dtype", "shape", "data", "crc32c", "chunk_index", "final")
+    __slots__ = ("reservation_id", "layer_index", "block_ids", "dtype", "shape", "data", "crc32", "chunk_index", "final")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
@@ -200,7 +200,7 @@ class KVChunk(_message.Message):
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    crc32c: int
+    crc32: int
     chunk_index: int
     final: bool
-    def __init__(self, reservation_id: _Optional[str] = ..., layer_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., chunk_index: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    def __init__(self, reservation_id: _Optional[str] = ..., layer_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., chunk_index: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...

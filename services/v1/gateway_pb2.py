@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from stageserve.v1 import common_pb2 as stageserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstageserve/v1/gateway.proto\x12\rstageserve.v1\x1a\x1astageserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.stageserve.v1.ChatMessagesH\x00\x12\x33\n\x10prompt_token_ids\x18\x05 \x01(\x0b\x32\x17.stageserve.v1.TokenIdsH\x00\x12\x36\n\x0fsampling_params\x18\x06 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x07 \x01(\x08\x12\x1b\n\x13skip_special_tokens\x18\x08 \x01(\x08\x12\x12\n\ncache_salt\x18\t \x01(\tB\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"8\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\"\xf6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.stageserve.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.stageserve.v1.Timing\"\xf6\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.stageserve.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.stageserve.v1.Timing\"\x13\n\x11ListModelsRequest\"B\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.stageserve.v1.ModelInfo2\xf8\x01\n\x07Gateway\x12M\n\x08Generate\x12\x1e.stageserve.v1.GenerateRequest\x1a\x1f.stageserve.v1.GenerateResponse0\x01\x12K\n\x08\x43omplete\x12\x1e.stageserve.v1.GenerateRequest\x1a\x1f.stageserve.v1.CompleteResponse\x12Q\n\nListModels\x12 .stageserve.v1.ListModelsRequest\x1a!.stageserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstageserve/v1/gateway.proto\x12\rstageserve.v1\x1a\x1astageserve/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb6\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.stageserve.v1.ChatMessagesH\x00\x12\x33\n\x10prompt_token_ids\x18\x05 \x01(\x0b\x32\x17.stageserve.v1.TokenIdsH\x00\x12\x36\n\x0fsampling_params\x18\x06 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x07 \x01(\x08\x12\x1b\n\x13skip_special_tokens\x18\x08 \x01(\x08\x12\x12\n\ncache_salt\x18\t \x01(\tB\x07\n\x05input\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"8\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\"\x90\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.stageserve.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.stageserve.v1.Timing\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\"\x90\x02\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.stageserve.v1.Usage\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.stageserve.v1.Timing\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x05\"\x13\n\x11ListModelsRequest\"B\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.stageserve.v1.ModelInfo2\xf8\x01\n\x07Gateway\x12M\n\x08Generate\x12\x1e.stageserve.v1.GenerateRequest\x1a\x1f.stageserve.v1.GenerateResponse0\x01\x12K\n\x08\x43omplete\x12\x1e.stageserve.v1.GenerateRequest\x1a\x1f.stageserve.v1.CompleteResponse\x12Q\n\nListModels\x12 .stageserve.v1.ListModelsRequest\x1a!.stageserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,15 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMING']._serialized_start=494
   _globals['_TIMING']._serialized_end=550
   _globals['_GENERATERESPONSE']._serialized_start=553
-  _globals['_GENERATERESPONSE']._serialized_end=799
-  _globals['_COMPLETERESPONSE']._serialized_start=802
-  _globals['_COMPLETERESPONSE']._serialized_end=1048
-  _globals['_LISTMODELSREQUEST']._serialized_start=1050
-  _globals['_LISTMODELSREQUEST']._serialized_end=1069
-  _globals['_MODELINFO']._serialized_start=1071
-  _globals['_MODELINFO']._serialized_end=1137
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1139
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1201
-  _globals['_GATEWAY']._serialized_start=1204
-  _globals['_GATEWAY']._serialized_end=1452
+  _globals['_GENERATERESPONSE']._serialized_end=825
+  _globals['_COMPLETERESPONSE']._serialized_start=828
+  _globals['_COMPLETERESPONSE']._serialized_end=1100
+  _globals['_LISTMODELSREQUEST']._serialized_start=1102
+  _globals['_LISTMODELSREQUEST']._serialized_end=1121
+  _globals['_MODELINFO']._serialized_start=1123
+  _globals['_MODELINFO']._serialized_end=1189
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1191
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1253
+  _globals['_GATEWAY']._serialized_start=1256
+  _globals['_GATEWAY']._serialized_end=1504
 # @@protoc_insertion_point(module_scope)

@@ -73,10 +73,18 @@ def config_from_gguf(reader: gguf.GGUFReader, name: str) -> ModelConfig:
             raise ModelLoadError(f"GGUF metadata lacks {arch}.{suffix}")
         return value
 
+    # Llama 3 scaling arrives as a rope_freqs tensor; linear or YaRN scaling would be silently ignored.
+    scaling = field_value(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ModelLoadError(f"unsupported GGUF rope scaling type {scaling!r}")
     tensors = {t.name: t for t in reader.tensors}
     try:  # wrong value types (e.g. per-layer head counts) or inconsistent shapes
         hidden = int(key("embedding_length"))
         num_heads = int(key("attention.head_count"))
+        head_dim = int(key("attention.key_length", hidden // num_heads))
+        rope_dim = int(key("rope.dimension_count", head_dim))
+        if rope_dim != head_dim:
+            raise ModelLoadError(f"partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported")
         return ModelConfig(
             architecture=arch,
             vocab_size=int(field_value(reader, f"{arch}.vocab_size") or _vocab_size(reader, tensors)),
@@ -85,7 +93,7 @@ def config_from_gguf(reader: gguf.GGUFReader, name: str) -> ModelConfig:
             num_layers=int(key("block_count")),
             num_heads=num_heads,
             num_kv_heads=int(key("attention.head_count_kv", num_heads)),
-            head_dim=int(key("attention.key_length", hidden // num_heads)),
+            head_dim=head_dim,
             max_position_embeddings=int(key("context_length")),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(key("rope.freq_base", 10000.0)),

@@ -26,12 +26,23 @@ def config_from_hf(raw: dict, name: str) -> ModelConfig:
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type not in (None, "default", "llama3"):
         raise ModelLoadError(f"unsupported rope_scaling type {rope_type!r}")
+    _check_supported(raw, arch)
     try:
         return _model_config(raw, arch, scaling, rope_type, name)
     except KeyError as exc:
         raise ModelLoadError(f"config.json lacks {exc.args[0]!r}") from exc
     except (TypeError, ValueError) as exc:
         raise ModelLoadError(f"config.json is malformed ({exc})") from exc
+
+
+def _check_supported(raw: dict, arch: str) -> None:
+    """Reject variants the model would otherwise run silently wrong (their extra weights go unread)."""
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"unsupported hidden_act {raw['hidden_act']!r} (only silu)")
+    if raw.get("mlp_bias"):
+        raise ModelLoadError("unsupported mlp_bias: the MLP has no biases")
+    if arch != "qwen2" and raw.get("attention_bias"):
+        raise ModelLoadError(f"unsupported attention_bias on {arch}: it would also bias o_proj")
 
 
 def _model_config(raw: dict, arch: str, scaling: dict, rope_type: str | None, name: str) -> ModelConfig:
@@ -45,7 +56,7 @@ def _model_config(raw: dict, arch: str, scaling: dict, rope_type: str | None, na
         num_heads=heads,
         num_kv_heads=raw.get("num_key_value_heads") or heads,
         head_dim=raw.get("head_dim") or hidden // heads,
-        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        max_position_embeddings=_context_limit(raw, arch),
         rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
         rope_theta=scaling.get("rope_theta", raw.get("rope_theta", 10000.0)),
         rope_scaling=RopeScaling(
@@ -87,3 +98,13 @@ def load_hf_dir(path: Path) -> LoadedModel:
         raise ModelLoadError(f"{path}: unreadable safetensors ({exc})") from exc
     tokenizer = path if (path / "tokenizer.json").is_file() else None
     return LoadedModel(config=config, state_dict=state, tokenizer_source=tokenizer, source=str(path))
+
+
+def _context_limit(raw: dict, arch: str) -> int:
+    """The model's context, capped at its sliding window if it has one: our attention is full, which
+    equals sliding-window attention only while the whole context fits in the window."""
+    limit = raw.get("max_position_embeddings") or 4096
+    window = raw.get("sliding_window")
+    if window and raw.get("use_sliding_window", arch == "mistral"):  # Qwen2 carries a window it does not use
+        limit = min(limit, window)
+    return limit

@@ -1,0 +1,58 @@
+"""What the two GPU-bound stages (prefill and decode) share: config fields, engine start-up, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from stageserve.common.server import ServerConfig
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.engine import LLMEngine
+from stageserve.engine.factory import create_engine
+from stageserve.engine.worker import EngineWorker
+from stageserve.transport.base import KVLayout
+from stageserve.v1 import common_pb2
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Fields every engine-backed stage has."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "default (SmolLM2-135M-Instruct), dummy:<shape>, a .gguf file or an HF dir"}
+    )
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    step_timeout_s: float = field(default=30.0, metadata={"help": "a step slower than this marks the worker unhealthy", "min": 0.1})
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def kv_layout(engine: LLMEngine) -> KVLayout:
+    m, c = engine.model_config, engine.config
+    return KVLayout(m.num_layers, c.block_size, m.num_kv_heads, m.head_dim, engine.dtype)
+
+
+def pool_stats_pb(engine: LLMEngine) -> common_pb2.KVPoolStats:
+    stats = engine.stats()
+    return common_pb2.KVPoolStats(
+        total_blocks=stats.kv.num_blocks,
+        free_blocks=stats.kv.num_free_blocks,
+        reserved_blocks=stats.num_reserved_blocks + stats.num_held_blocks,
+        cached_blocks=stats.kv.num_cached_blocks,
+        block_size=engine.config.block_size,
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+    )
+
+
+async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None) -> EngineWorker:
+    """Load the model (off the event loop), warm it up, and start its engine thread."""
+    if engine is None:
+        engine = await asyncio.to_thread(create_engine, config.model, config.engine)
+    await asyncio.to_thread(engine.warmup)
+    worker = EngineWorker(engine, step_timeout_s=config.step_timeout_s)
+    worker.start()
+    logger.info("engine ready: %s on %s/%s, %d KV blocks", engine.model_config.name, engine.device, engine.dtype, engine.config.num_blocks)
+    return worker

@@ -1,0 +1,1 @@
+"""The draft stage: per-sequence token proposals for speculative decoding (n-gram prompt lookup)."""

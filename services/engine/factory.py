@@ -1,0 +1,25 @@
+"""Build an engine for a model name: weights, and the end-of-sequence ids from its tokenizer."""
+
+from __future__ import annotations
+
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.engine import LLMEngine
+from stageserve.engine.loader.weights import LoadedModel, load_model
+from stageserve.tokenizer.text_tokenizer import TextTokenizer, load_tokenizer
+
+
+def load_model_and_tokenizer(model: str | None) -> tuple[LoadedModel, TextTokenizer | None]:
+    loaded = load_model(model)
+    tokenizer = load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
+    return loaded, tokenizer
+
+
+def create_engine(model: str | LoadedModel | None, config: EngineConfig | None = None) -> LLMEngine:
+    """An engine that stops on the model's own end-of-sequence tokens."""
+    if isinstance(model, LoadedModel):
+        loaded = model
+        tokenizer = load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
+    else:
+        loaded, tokenizer = load_model_and_tokenizer(model)
+    eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
+    return LLMEngine(loaded, config, eos_token_ids=eos)

@@ -1,0 +1,160 @@
+"""The KVTransport interface: how a prefill worker's KV pages reach a decode worker's pool.
+
+    gateway          decode worker                         prefill worker
+    -------          -------------                         --------------
+    Reserve    --->  allocate blocks, return a
+                     KVDescriptor (transport, reservation,
+                     block ids, layout)
+    Prefill(descriptor) ---------------------------------> compute the prompt's KV
+                     <--- KVSender.send(): pages, layer by layer, into the reserved blocks
+                     KVReceiver validates every page against the reservation and its own pool
+                     before writing; `complete()` once every layer of every block has landed
+    Attach     --->  the sequence joins the running batch
+
+A transport moves bytes and nothing else: which blocks, in which layout, is decided by the
+descriptor, so the GPU transports (CUDA IPC, NCCL) implement the same two classes.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from stageserve.common.errors import InvalidArgumentError
+from stageserve.v1 import common_pb2
+
+_DTYPES = {
+    torch.float32: common_pb2.DTYPE_FLOAT32,
+    torch.float16: common_pb2.DTYPE_FLOAT16,
+    torch.bfloat16: common_pb2.DTYPE_BFLOAT16,
+}
+_DTYPES_BY_PB = {v: k for k, v in _DTYPES.items()}
+
+
+def dtype_to_pb(dtype: torch.dtype) -> int:
+    return _DTYPES[dtype]
+
+
+def dtype_from_pb(value: int, field: str) -> torch.dtype:
+    if value not in _DTYPES_BY_PB:
+        raise InvalidArgumentError(field, f"unsupported dtype {value}")
+    return _DTYPES_BY_PB[value]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of one worker's KV pool; sender and receiver must agree on it exactly."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def page_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """Shape of one layer's pages for `num_blocks` blocks: K and V stacked first."""
+        return (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def bytes_per_block_layer(self) -> int:
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def to_pb(self) -> common_pb2.KVLayout:
+        return common_pb2.KVLayout(
+            num_layers=self.num_layers, block_size=self.block_size, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, dtype=dtype_to_pb(self.dtype),
+        )
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.KVLayout) -> KVLayout:
+        return cls(pb.num_layers, pb.block_size, pb.num_kv_heads, pb.head_dim, dtype_from_pb(pb.dtype, "layout.dtype"))
+
+
+@dataclass(frozen=True)
+class KVDescriptor:
+    """Where a sequence's KV must go: the receiver's reservation, blocks and layout."""
+
+    transport: str
+    reservation_id: str
+    block_ids: tuple[int, ...]
+    layout: KVLayout
+    ttl_ms: int = 0
+    address: str = ""  # the receiver's gRPC address, for the host transport
+
+    def to_pb(self) -> common_pb2.KVTransferDescriptor:
+        return common_pb2.KVTransferDescriptor(
+            transport=self.transport, reservation_id=self.reservation_id, layout=self.layout.to_pb(),
+            block_ids=list(self.block_ids), ttl_ms=self.ttl_ms,
+            host=common_pb2.HostTransportParams(address=self.address),
+        )
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.KVTransferDescriptor) -> KVDescriptor:
+        if not pb.reservation_id:
+            raise InvalidArgumentError("kv.reservation_id", "must not be empty")
+        if not pb.block_ids:
+            raise InvalidArgumentError("kv.block_ids", "must not be empty")
+        return cls(
+            transport=pb.transport, reservation_id=pb.reservation_id, block_ids=tuple(pb.block_ids),
+            layout=KVLayout.from_pb(pb.layout), ttl_ms=pb.ttl_ms, address=pb.host.address,
+        )
+
+
+@dataclass
+class TransferStats:
+    transport: str
+    num_bytes: int = 0
+    num_chunks: int = 0
+    num_layers: int = 0
+    num_blocks: int = 0
+    seconds: float = 0.0
+    checksum: bool = False
+
+
+# Reads one layer's pages, `[2, len(block_ids), block_size, kv_heads, head_dim]`, from the sender's pool.
+PageReader = Callable[[int, list[int]], Awaitable[torch.Tensor]]
+
+
+class KVSender(abc.ABC):
+    """The prefill side of a transport."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def send(
+        self, descriptor: KVDescriptor, src_block_ids: list[int], read_layer: PageReader, timeout_s: float
+    ) -> TransferStats:
+        """Copy pages `src_block_ids` (sender's pool) into `descriptor.block_ids` (receiver's), every layer."""
+
+
+@dataclass
+class Reservation:
+    """The decode side's record of one incoming transfer."""
+
+    reservation_id: str
+    request_id: str
+    block_ids: tuple[int, ...]
+    layout: KVLayout
+    deadline: float  # monotonic time after which an unattached reservation is reclaimed
+    received: dict[int, set[int]] = field(default_factory=dict)  # layer -> blocks landed
+    next_chunk: int = 0
+
+    def record(self, layer: int, block_ids: list[int]) -> None:
+        self.received.setdefault(layer, set()).update(block_ids)
+
+    @property
+    def complete(self) -> bool:
+        want = set(self.block_ids)
+        return len(self.received) == self.layout.num_layers and all(v == want for v in self.received.values())
+
+    def reset(self) -> None:
+        """Forget what landed (after a corrupt chunk): the sequence must not be decoded on it."""
+        self.received.clear()
+        self.next_chunk = 0
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.monotonic()) > self.deadline

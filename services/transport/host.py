@@ -1,0 +1,126 @@
+"""The `host` transport: KV pages as raw bytes in bounded chunks over a gRPC client stream.
+
+This is the CPU path and the fallback for the GPU transports. Each chunk carries one layer's pages
+for a run of blocks, with its dtype, shape and a CRC-32, and the receiver checks all of it against
+the reservation and its own pool before a byte is written.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from stageserve.common.errors import InvalidArgumentError
+from stageserve.transport.base import (
+    KVDescriptor,
+    KVLayout,
+    KVSender,
+    PageReader,
+    Reservation,
+    TransferStats,
+    dtype_from_pb,
+    dtype_to_pb,
+)
+from stageserve.v1 import common_pb2, decode_pb2_grpc
+
+DEFAULT_MAX_CHUNK_BYTES = 1 << 20
+
+
+def tensor_to_bytes(pages: torch.Tensor) -> bytes:
+    pages = pages.contiguous().cpu()
+    if pages.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16: ship the raw 16-bit words
+        pages = pages.view(torch.int16)
+    return pages.numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    raw_dtype = torch.int16 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return torch.frombuffer(bytearray(data), dtype=raw_dtype).view(dtype).reshape(shape)
+
+
+class HostKVSender(KVSender):
+    name = "host"
+
+    def __init__(self, channel_for: callable, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES, checksum: bool = True):
+        self.channel_for = channel_for  # address -> grpc.aio.Channel, shared and reused
+        self.max_chunk_bytes = max_chunk_bytes
+        self.checksum = checksum
+
+    async def send(self, descriptor: KVDescriptor, src_block_ids: list[int], read_layer: PageReader, timeout_s: float):
+        if len(src_block_ids) != len(descriptor.block_ids):
+            raise InvalidArgumentError("kv.block_ids", f"{len(descriptor.block_ids)} blocks reserved, {len(src_block_ids)} to send")
+        stats = TransferStats(self.name, num_blocks=len(src_block_ids), checksum=self.checksum)
+        start = time.monotonic()
+        stub = decode_pb2_grpc.DecodeStub(self.channel_for(descriptor.address))
+        response = await stub.PushKV(self._chunks(descriptor, src_block_ids, read_layer, stats), timeout=timeout_s)
+        stats.seconds = time.monotonic() - start
+        stats.num_layers = descriptor.layout.num_layers
+        if response.num_bytes != stats.num_bytes:
+            raise RuntimeError(f"receiver acknowledged {response.num_bytes} bytes of {stats.num_bytes}")
+        return stats
+
+    async def _chunks(
+        self, descriptor: KVDescriptor, src: list[int], read_layer: PageReader, stats: TransferStats
+    ) -> AsyncIterator[common_pb2.KVChunk]:
+        layout = descriptor.layout
+        per_chunk = max(1, self.max_chunk_bytes // layout.bytes_per_block_layer)
+        pieces = [(i, min(i + per_chunk, len(src))) for i in range(0, len(src), per_chunk)]
+        for layer in range(layout.num_layers):
+            pages = await read_layer(layer, src)  # [2, n, block_size, kv_heads, head_dim]
+            for start, end in pieces:
+                data = tensor_to_bytes(pages[:, start:end])
+                last = layer == layout.num_layers - 1 and end == len(src)
+                chunk = common_pb2.KVChunk(
+                    reservation_id=descriptor.reservation_id, layer_index=layer,
+                    block_ids=descriptor.block_ids[start:end], dtype=dtype_to_pb(layout.dtype),
+                    shape=layout.page_shape(end - start), data=data, chunk_index=stats.num_chunks, final=last,
+                )
+                if self.checksum:
+                    chunk.crc32 = zlib.crc32(data)
+                stats.num_chunks += 1
+                stats.num_bytes += len(data)
+                yield chunk
+
+
+def validate_chunk(chunk: common_pb2.KVChunk, reservation: Reservation, layout: KVLayout) -> torch.Tensor:
+    """Check one chunk against the reservation and the local pool; returns the pages to write.
+
+    Raises InvalidArgumentError naming the first bad field. Nothing is written on failure.
+    """
+    if chunk.chunk_index != reservation.next_chunk:
+        raise InvalidArgumentError("kv_chunk.chunk_index", f"expected {reservation.next_chunk}, got {chunk.chunk_index}")
+    if chunk.layer_index >= layout.num_layers:
+        raise InvalidArgumentError("kv_chunk.layer_index", f"{chunk.layer_index} >= num_layers {layout.num_layers}")
+    ids = list(chunk.block_ids)
+    if not ids or len(set(ids)) != len(ids) or not set(ids) <= set(reservation.block_ids):
+        raise InvalidArgumentError("kv_chunk.block_ids", "must be distinct blocks of the reservation")
+    dtype = dtype_from_pb(chunk.dtype, "kv_chunk.dtype")
+    if dtype != layout.dtype:
+        raise InvalidArgumentError("kv_chunk.dtype", f"{dtype} does not match the pool's {layout.dtype}")
+    shape = layout.page_shape(len(ids))
+    if tuple(chunk.shape) != shape:
+        raise InvalidArgumentError("kv_chunk.shape", f"{tuple(chunk.shape)} != expected {shape}")
+    expected_bytes = layout.bytes_per_block_layer * len(ids)
+    if len(chunk.data) != expected_bytes:
+        raise InvalidArgumentError("kv_chunk.data", f"{len(chunk.data)} bytes, expected {expected_bytes}")
+    if chunk.HasField("crc32") and zlib.crc32(chunk.data) != chunk.crc32:
+        raise InvalidArgumentError("kv_chunk.crc32", "checksum mismatch: pages corrupted in transit")
+    return tensor_from_bytes(chunk.data, dtype, shape)
+
+
+def channel_cache() -> callable:
+    """An address -> channel function that reuses one insecure loopback/cluster channel per address."""
+    channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(address: str) -> grpc.aio.Channel:
+        if address not in channels:
+            channels[address] = grpc.aio.insecure_channel(
+                address, options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+            )
+        return channels[address]
+
+    return get
