@@ -36,3 +36,11 @@ class NotFoundError(StageServeError, KeyError):
 
 class ModelLoadError(StageServeError):
     """A model could not be loaded: missing, corrupt, or of an unsupported architecture."""
+
+
+class UnavailableError(StageServeError):
+    """No worker of a needed stage can be reached right now. The caller may retry (another replica, later)."""
+
+
+class DeadlineExceededError(StageServeError):
+    """A call to another stage, or a wait for its next message, ran past its timeout."""

@@ -8,6 +8,8 @@ and plain functions alike):
     ResourceExhaustedError  -> RESOURCE_EXHAUSTED  + trailing metadata `retry-after-s`
     NotFoundError           -> NOT_FOUND
     ModelLoadError          -> FAILED_PRECONDITION
+    UnavailableError        -> UNAVAILABLE
+    DeadlineExceededError   -> DEADLINE_EXCEEDED
     NotImplementedError     -> UNIMPLEMENTED
     anything else           -> INTERNAL, logged with its traceback under an error id that the
                                client sees; the traceback itself never leaves the server.
@@ -26,7 +28,14 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from stageserve.common.errors import InvalidArgumentError, ModelLoadError, NotFoundError, ResourceExhaustedError
+from stageserve.common.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ModelLoadError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +54,10 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, s
         return grpc.StatusCode.NOT_FOUND, str(exc), ()
     if isinstance(exc, ModelLoadError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc), ()
+    if isinstance(exc, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), ()
+    if isinstance(exc, DeadlineExceededError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), ()
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, "method not implemented", ()
     return grpc.StatusCode.INTERNAL, "internal error", ()

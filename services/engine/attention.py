@@ -13,7 +13,7 @@ Each step the runner builds one `AttentionMetadata` and passes it into `forward(
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ class AttentionMetadata:
     query_start_loc: list[int]  # [num_seqs + 1] host ints: where each sequence's new tokens start
     seq_lens_host: list[int]  # [num_seqs] host copy of seq_lens
     max_seq_len: int
+    # Per-step scratch a backend fills on the first layer and reuses on the rest (e.g. masks).
+    backend_state: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -110,8 +112,11 @@ class TorchAttention(AttentionBackend):
         table = meta.block_tables[:, :max_blocks]
         blocks = kv_cache[:, table]  # [2, seqs, max_blocks, block_size, kv_heads, head_dim]
         kv = blocks.reshape(2, num_seqs, max_blocks * block_size, num_kv_heads, head_dim).transpose(2, 3)
-        positions = torch.arange(max_blocks * block_size, device=q.device)
-        mask = (positions.unsqueeze(0) < meta.seq_lens.unsqueeze(1))[:, None, None, :]  # [seqs, 1, 1, ctx]
+        mask = meta.backend_state.get("decode_mask")
+        if mask is None:  # the same for every layer of the step
+            positions = torch.arange(max_blocks * block_size, device=q.device)
+            mask = (positions.unsqueeze(0) < meta.seq_lens.unsqueeze(1))[:, None, None, :]  # [seqs, 1, 1, ctx]
+            meta.backend_state["decode_mask"] = mask
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True
         )  # [seqs, heads, 1, head_dim]

@@ -48,6 +48,7 @@ class DetokenizeInput:
     prefix_offset: int
     read_offset: int
     skip_special_tokens: bool
+    final: bool = False
 
     @classmethod
     def from_pb(cls, pb: tokenizer_pb2.DetokenizeRequest, vocab_size: int) -> DetokenizeInput:
@@ -62,7 +63,7 @@ class DetokenizeInput:
             raise InvalidArgumentError(
                 "prefix_offset", f"must be <= read_offset = {pb.read_offset}, got {pb.prefix_offset}"
             )
-        return cls(token_ids, pb.prefix_offset, pb.read_offset, pb.skip_special_tokens)
+        return cls(token_ids, pb.prefix_offset, pb.read_offset, pb.skip_special_tokens, pb.final)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     ) -> tokenizer_pb2.DetokenizeResponse:
         call = DetokenizeInput.from_pb(request, self.tokenizer.vocab_size)
         text, prefix_offset, read_offset = detokenize_incrementally(
-            self.tokenizer, call.token_ids, call.prefix_offset, call.read_offset, call.skip_special_tokens
+            self.tokenizer, call.token_ids, call.prefix_offset, call.read_offset, call.skip_special_tokens, call.final
         )
         return DetokenizeOutput(text, prefix_offset, read_offset).to_pb()
 

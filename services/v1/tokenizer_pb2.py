@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from stageserve.v1 import common_pb2 as stageserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstageserve/v1/tokenizer.proto\x12\rstageserve.v1\x1a\x1astageserve/v1/common.proto\"s\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.stageserve.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"o\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rprefix_offset\x18\x02 \x01(\r\x12\x13\n\x0bread_offset\x18\x03 \x01(\r\x12\x1b\n\x13skip_special_tokens\x18\x04 \x01(\x08\"N\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprefix_offset\x18\x02 \x01(\r\x12\x13\n\x0bread_offset\x18\x03 \x01(\r\"g\n\x18\x41pplyChatTemplateRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.stageserve.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"+\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t2\x93\x02\n\tTokenizer\x12K\n\x08Tokenize\x12\x1e.stageserve.v1.TokenizeRequest\x1a\x1f.stageserve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .stageserve.v1.DetokenizeRequest\x1a!.stageserve.v1.DetokenizeResponse\x12\x66\n\x11\x41pplyChatTemplate\x12\'.stageserve.v1.ApplyChatTemplateRequest\x1a(.stageserve.v1.ApplyChatTemplateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstageserve/v1/tokenizer.proto\x12\rstageserve.v1\x1a\x1astageserve/v1/common.proto\"s\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.stageserve.v1.ChatMessagesH\x00\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x42\x07\n\x05input\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"~\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rprefix_offset\x18\x02 \x01(\r\x12\x13\n\x0bread_offset\x18\x03 \x01(\r\x12\x1b\n\x13skip_special_tokens\x18\x04 \x01(\x08\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\"N\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprefix_offset\x18\x02 \x01(\r\x12\x13\n\x0bread_offset\x18\x03 \x01(\r\"g\n\x18\x41pplyChatTemplateRequest\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.stageserve.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"+\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t2\x93\x02\n\tTokenizer\x12K\n\x08Tokenize\x12\x1e.stageserve.v1.TokenizeRequest\x1a\x1f.stageserve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .stageserve.v1.DetokenizeRequest\x1a!.stageserve.v1.DetokenizeResponse\x12\x66\n\x11\x41pplyChatTemplate\x12\'.stageserve.v1.ApplyChatTemplateRequest\x1a(.stageserve.v1.ApplyChatTemplateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZERESPONSE']._serialized_start=193
   _globals['_TOKENIZERESPONSE']._serialized_end=230
   _globals['_DETOKENIZEREQUEST']._serialized_start=232
-  _globals['_DETOKENIZEREQUEST']._serialized_end=343
-  _globals['_DETOKENIZERESPONSE']._serialized_start=345
-  _globals['_DETOKENIZERESPONSE']._serialized_end=423
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=425
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=528
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=530
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=573
-  _globals['_TOKENIZER']._serialized_start=576
-  _globals['_TOKENIZER']._serialized_end=851
+  _globals['_DETOKENIZEREQUEST']._serialized_end=358
+  _globals['_DETOKENIZERESPONSE']._serialized_start=360
+  _globals['_DETOKENIZERESPONSE']._serialized_end=438
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=440
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=543
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=545
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=588
+  _globals['_TOKENIZER']._serialized_start=591
+  _globals['_TOKENIZER']._serialized_end=866
 # @@protoc_insertion_point(module_scope)

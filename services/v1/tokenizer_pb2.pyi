@@ -24,16 +24,18 @@ class TokenizeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DetokenizeRequest(_message.Message):
-    __slots__ = ("token_ids", "prefix_offset", "read_offset", "skip_special_tokens")
+    __slots__ = ("token_ids", "prefix_offset", "read_offset", "skip_special_tokens", "final")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_OFFSET_FIELD_NUMBER: _ClassVar[int]
     READ_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     prefix_offset: int
     read_offset: int
     skip_special_tokens: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., prefix_offset: _Optional[int] = ..., read_offset: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
+    final: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., prefix_offset: _Optional[int] = ..., read_offset: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class DetokenizeResponse(_message.Message):
     __slots__ = ("text", "prefix_offset", "read_offset")

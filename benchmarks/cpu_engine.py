@@ -1,0 +1,152 @@
+"""Issue 2 benchmark: the in-process engine vs HF transformers `generate`, same machine, same run.
+
+Measures on the default model (SmolLM2-135M-Instruct), for each --dtypes entry, both sides in that dtype:
+  * single-stream decode tok/s (one request, decode phase only: tokens after the first / time after the first)
+  * 16-request batch throughput (output tok/s over the whole run, prefill included)
+HF runs the same prompts: one at a time for single-stream, and one padded batch of 16 for throughput.
+
+    python benchmarks/cpu_engine.py [--dtypes float32,bfloat16] [--new-tokens 128] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.factory import create_engine
+from stageserve.engine.loader.default_model import default_model_path
+from stageserve.sample.params import SamplingParams
+
+PROMPTS = [
+    "The history of the Roman Empire begins",
+    "def fibonacci(n):",
+    "Explain photosynthesis to a ten-year-old.",
+    "The best way to learn a new language is",
+    "Once upon a time, in a small village by the sea,",
+    "import numpy as np\nimport torch\n",
+    "Write a short poem about autumn leaves.",
+    "In economics, inflation is defined as",
+]
+
+
+def ours_single(engine, prompt_ids, new_tokens) -> tuple[float, float]:
+    """(decode tok/s, ttft s) for one request alone."""
+    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0)
+    engine.add_request("single", prompt_ids, params)
+    start = time.perf_counter()
+    first = None
+    while engine.has_unfinished():
+        if engine.step() and first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return (new_tokens - 1) / (end - first), first - start
+
+
+def ours_batch(engine, prompts, new_tokens) -> float:
+    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0)
+    start = time.perf_counter()
+    reqs = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(r.output_token_ids) for r in reqs) / elapsed
+
+
+def hf_single(model, prompt_ids, new_tokens) -> tuple[float, float]:
+    """Decode tok/s from two timed runs: prefill + 1 token, and prefill + N tokens."""
+    x = torch.tensor([prompt_ids])
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(x))
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        total = time.perf_counter() - start
+    return (new_tokens - 1) / (total - ttft), ttft
+
+
+def hf_batch(model, tokenizer, prompts, new_tokens) -> float:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as HF expects for generation
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+        elapsed = time.perf_counter() - start
+    return (out.shape[1] - width) * len(prompts) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated; HF runs in the same dtype")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="single-stream runs per side; the best is kept")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    from stageserve.tokenizer.text_tokenizer import load_tokenizer
+
+    path = default_model_path()
+    tok = load_tokenizer(path)
+    prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.batch)]
+    rows = []
+    for dtype in args.dtypes.split(","):
+        engine = create_engine(None, EngineConfig(device="cpu", dtype=dtype, num_blocks=1024, max_num_seqs=64))
+        engine.warmup()
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).eval()
+        hf_single(hf, prompts[0], 8)  # warm-up
+        # Interleave the two sides so background load hits both alike; keep each side's best run.
+        ours_runs, hf_runs = [], []
+        for _ in range(args.repeats):
+            ours_runs.append(ours_single(engine, prompts[0], args.new_tokens))
+            hf_runs.append(hf_single(hf, prompts[0], args.new_tokens))
+        (ours_s, ours_ttft), (hf_s, hf_ttft) = max(ours_runs), max(hf_runs)
+        ours_b = max(ours_batch(engine, prompts, args.new_tokens) for _ in range(args.repeats))
+        hf_b = max(hf_batch(hf, tok, prompts, args.new_tokens) for _ in range(args.repeats))
+        rows.append({
+            "dtype": dtype,
+            "single_stream_decode_tok_s": {"stageserve": ours_s, "hf": hf_s, "ratio": ours_s / hf_s},
+            "ttft_s": {"stageserve": ours_ttft, "hf": hf_ttft},
+            "batch_throughput_tok_s": {"stageserve": ours_b, "hf": hf_b, "ratio": ours_b / hf_b},
+            "batch_over_single": ours_b / ours_s,
+        })
+        del engine, hf
+
+    result = {
+        "benchmark": "cpu_engine",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized at load)",
+        "new_tokens": args.new_tokens,
+        "batch": args.batch,
+        "results": rows,
+        "targets": {"single_vs_hf": 1.5, "batch_over_single": 4.0},
+    }
+    print(f"{'dtype':9} {'metric':30} {'stageserve':>11} {'HF':>11} {'ratio':>7}")
+    for r in rows:
+        s, t, b = r["single_stream_decode_tok_s"], r["ttft_s"], r["batch_throughput_tok_s"]
+        print(f"{r['dtype']:9} {'single-stream decode tok/s':30} {s['stageserve']:11.1f} {s['hf']:11.1f} {s['ratio']:7.2f}")
+        print(f"{r['dtype']:9} {'TTFT s':30} {t['stageserve']:11.3f} {t['hf']:11.3f}")
+        print(f"{r['dtype']:9} {f'batch-{args.batch} output tok/s':30} {b['stageserve']:11.1f} {b['hf']:11.1f} {b['ratio']:7.2f}")
+        print(f"{r['dtype']:9} {'batch / single-stream (ours)':30} {r['batch_over_single']:11.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks against a running gateway: workloads, the load generator, and the latency/throughput report."""

@@ -1,0 +1,73 @@
+"""Configuration of one gateway replica. Pure data: no I/O, no environment reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stageserve.common.errors import InvalidArgumentError
+from stageserve.common.server import ServerConfig
+from stageserve.engine.loader.default_model import DEFAULT_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class GatewayServiceConfig:
+    """Configuration of one gateway replica: where the workers are, how many requests it admits, its timeouts."""
+
+    tokenizer_addresses: tuple[str, ...] = field(
+        metadata={"help": "host:port of each tokenizer replica (any replica serves any call)"}
+    )
+    prefill_addresses: tuple[str, ...] = field(metadata={"help": "host:port of each prefill worker"})
+    decode_addresses: tuple[str, ...] = field(metadata={"help": "host:port of each decode worker"})
+    model: str = field(
+        default=DEFAULT_MODEL_NAME, metadata={"help": "id of the served model, as ListModels reports it"}
+    )
+    max_model_len: int = field(
+        default=0,
+        metadata={"help": "context limit in tokens; longer prompts are refused (0: unknown, not checked)", "min": 0},
+    )
+    vocab_size: int = field(
+        default=0, metadata={"help": "vocabulary size; prompt token ids are checked against it (0: unknown)", "min": 0}
+    )
+    default_max_tokens: int = field(
+        default=16, metadata={"help": "max_tokens of a request that leaves it unset", "min": 1}
+    )
+    max_running_requests: int = field(
+        default=256, metadata={"help": "requests routed to workers at once; more wait in the queue", "min": 1}
+    )
+    max_queue_requests: int = field(
+        default=1024,
+        metadata={"help": "requests waiting for a running slot; beyond this, RESOURCE_EXHAUSTED", "min": 0},
+    )
+    rpc_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "timeout of each unary call to a worker (Tokenize, Reserve, Prefill, ...)", "min": 0.001},
+    )
+    stream_idle_timeout_s: float = field(
+        default=60.0, metadata={"help": "longest wait for the next token event of a decode stream", "min": 0.001}
+    )
+    cancel_timeout_s: float = field(
+        default=1.0, metadata={"help": "timeout of the Cancel calls that free an aborted request", "min": 0.001}
+    )
+    stats_poll_interval_s: float = field(
+        default=0.5,
+        metadata={
+            "help": "seconds between Stats polls (routing load, and probes of workers out of rotation)",
+            "min": 0.01,
+        },
+    )
+    probe_timeout_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "timeout of a Stats/health probe; a worker that misses it leaves rotation (a busy one "
+            "answers late, so keep this well above a step's time)",
+            "min": 0.001,
+        },
+    )
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("tokenizer_addresses", "prefill_addresses", "decode_addresses"):
+            addresses = tuple(getattr(self, name))
+            object.__setattr__(self, name, addresses)  # argparse and YAML hand over lists
+            if not addresses or not all(addresses):
+                raise InvalidArgumentError(name, "needs at least one non-empty host:port")

@@ -1,0 +1,301 @@
+"""The life of one request through the stages, as the gateway drives it.
+
+    admit (bounded queue) -> Tokenize (text or chat; token ids skip it)
+    -> choose prefill (fewest in flight) and decode (most KV headroom) -> Decode.Reserve
+    -> Prefill (pushes the KV to the reservation; returns the first token) -> stream the first token
+    -> finished already? Decode.Cancel frees the reservation : Decode.Attach streams the rest
+    -> each TokenEvent: one Detokenize for all its tokens, stop strings, one message to the client
+    -> the last message carries finish_reason, usage and timing.
+
+Whatever ends the request early (client cancel, deadline, a stop string, a failed stage) cancels the
+decode stream and calls Decode.Cancel and Prefill.Cancel, shielded from the cancellation that caused
+it and bounded by `cancel_timeout_s`, so every stage frees the request's blocks within a step. Every
+call to a worker has a timeout, and no wait is unbounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from stageserve.gateway.request import GenerateInput, Timing, Usage
+from stageserve.gateway.routing import DOWN_CODES, Worker, WorkerPool
+from stageserve.gateway.text import TextStream
+from stageserve.gateway.upstream import UpstreamError, upstream_error
+from stageserve.v1 import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, tokenizer_pb2
+
+if TYPE_CHECKING:
+    from stageserve.gateway.core import Gateway
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+UNSPECIFIED = common_pb2.FINISH_REASON_UNSPECIFIED
+RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# A Reserve that failed with these holds nothing to cancel (a timed-out one may have reserved).
+NOTHING_RESERVED = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
+)
+
+
+class RequestFlow:
+    """One request's trip through the stages (see the module docstring)."""
+
+    def __init__(self, gateway: Gateway, request: GenerateInput, arrival: float, deadline: float | None):
+        self.gw = gateway
+        self.config = gateway.config
+        self.router = gateway.router
+        self.request = request
+        self.arrival = arrival
+        self.deadline = deadline
+        self.decode: Worker | None = None  # may hold a reservation or a running sequence for us
+        self.prefill: Worker | None = None  # may be computing our prompt
+        self.attach: Any = None  # the Decode.Attach call while it streams
+        self.done = False  # every stage has freed (or is freeing) the request
+        self.stopped_here = False  # a stop string matched here, so decode is still generating
+        self.release: asyncio.Task | None = None  # the Cancel calls of a normal finish
+        self.queue_s = 0.0
+        self.ttft_s = 0.0
+
+    async def run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        try:
+            async with self.gw.admission.slot() as self.queue_s:
+                prompt = await self._tokenize()
+                text = TextStream(prompt, self.request.params.stop, self.request.skip_special_tokens, self._detokenize)
+                prefill = self.router.prefills.choose()
+                descriptor = await self._reserve(len(prompt), peer_id=prefill.address)
+                with self.router.decodes.track(self.decode):  # decode's load: the whole request, not one call
+                    async for message in self._stream(prompt, text, prefill, descriptor):
+                        yield message
+        finally:
+            if not self.done:
+                await self._abort()
+            if self.release is not None:  # sent the last message first; now make sure decode let go
+                await asyncio.shield(self.release)
+
+    def _timeout(self, limit: float) -> float:
+        """`limit`, cut to what is left of the client's deadline."""
+        if self.deadline is None:
+            return limit
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError(f"request {self.request.request_id}: the deadline passed")
+        return min(limit, remaining)
+
+    async def _call(
+        self, pool: WorkerPool, attempt: Callable[[Worker], Awaitable[T]], retry: frozenset, first: Worker | None = None
+    ) -> T:
+        """`attempt` on the pool's best worker; on a status in `retry`, again on the next one, until none is left."""
+        tried: list[Worker] = []
+        last_error: Exception | None = None
+        worker = first
+        while True:
+            if worker is None:
+                try:
+                    worker = pool.choose(exclude=tried)
+                except UnavailableError:
+                    if last_error is None:
+                        raise
+                    raise last_error from None
+            tried.append(worker)
+            try:
+                with pool.track(worker):
+                    return await attempt(worker)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in DOWN_CODES:
+                    pool.mark_down(worker, f"{exc.code().name}: {exc.details()}")
+                last_error = upstream_error(pool.role, worker.address, exc)
+                if exc.code() not in retry:
+                    raise last_error from exc
+            worker = None
+
+    async def _tokenize(self) -> list[int]:
+        request = self.request
+        if request.kind == "prompt_token_ids":
+            ids = list(request.prompt_token_ids)
+        else:
+            if request.kind == "chat":
+                pb = tokenizer_pb2.TokenizeRequest(chat=common_pb2.ChatMessages(messages=request.chat))
+            else:
+                pb = tokenizer_pb2.TokenizeRequest(text=request.prompt, add_special_tokens=request.add_special_tokens)
+
+            async def tokenize(worker: Worker) -> tokenizer_pb2.TokenizeResponse:
+                return await worker.stub.Tokenize(pb, timeout=self._timeout(self.config.rpc_timeout_s))
+
+            ids = list((await self._call(self.router.tokenizers, tokenize, RETRY_ELSEWHERE)).token_ids)
+            if not ids:
+                raise InvalidArgumentError(request.kind, "tokenizes to no tokens")
+        limit = self.config.max_model_len
+        if limit and len(ids) >= limit:
+            raise InvalidArgumentError(request.kind, f"is {len(ids)} tokens; the model's limit is {limit - 1}")
+        return ids
+
+    async def _detokenize(
+        self, ids: Sequence[int], prefix: int, read: int, skip: bool, final: bool
+    ) -> tuple[str, int, int]:
+        pb = tokenizer_pb2.DetokenizeRequest(
+            token_ids=ids, prefix_offset=prefix, read_offset=read, skip_special_tokens=skip, final=final
+        )
+
+        async def detokenize(worker: Worker) -> tokenizer_pb2.DetokenizeResponse:
+            return await worker.stub.Detokenize(pb, timeout=self._timeout(self.config.rpc_timeout_s))
+
+        reply = await self._call(self.router.tokenizers, detokenize, RETRY_ELSEWHERE)
+        return reply.text, reply.prefix_offset, reply.read_offset
+
+    async def _reserve(self, num_tokens: int, peer_id: str) -> common_pb2.KVTransferDescriptor:
+        """Reserve on the decode worker with the most headroom; a full or unreachable one passes to the next."""
+        pb = decode_pb2.ReserveRequest(
+            request_id=self.request.request_id,
+            num_tokens=num_tokens,
+            sampling_params=self.request.sampling_params_pb(),
+            peer_id=peer_id,
+        )
+
+        async def reserve(worker: Worker) -> decode_pb2.ReserveResponse:
+            self.decode = worker  # set first: a cancel landing mid-call must still free what it reserved
+            try:
+                return await worker.stub.Reserve(pb, timeout=self._timeout(self.config.rpc_timeout_s))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in NOTHING_RESERVED:
+                    self.decode = None
+                raise
+
+        retry = RETRY_ELSEWHERE | {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        reply = await self._call(self.router.decodes, reserve, retry)
+        self.decode.pending_blocks += len(reply.descriptor.block_ids)
+        return reply.descriptor
+
+    async def _prefill(
+        self, prompt: list[int], prefill: Worker, descriptor: common_pb2.KVTransferDescriptor
+    ) -> prefill_pb2.PrefillResponse:
+        request = self.request
+        pb = prefill_pb2.PrefillRequest(
+            request_id=request.request_id,
+            prompt_token_ids=prompt,
+            sampling_params=request.sampling_params_pb(),
+            cache_salt=request.cache_salt,
+            decode_target=prefill_pb2.DecodeTarget(address=self.decode.address, kv=descriptor),
+        )
+
+        async def run_prefill(worker: Worker) -> prefill_pb2.PrefillResponse:
+            self.prefill = worker
+            return await worker.stub.Prefill(pb, timeout=self._timeout(self.config.rpc_timeout_s))
+
+        # GPU transports pair the reservation with the peer it named; only "host" may go to another worker.
+        retry = RETRY_ELSEWHERE if descriptor.transport in ("", "host") else frozenset()
+        return await self._call(self.router.prefills, run_prefill, retry, first=prefill)
+
+    async def _stream(
+        self, prompt: list[int], text: TextStream, prefill: Worker, descriptor: common_pb2.KVTransferDescriptor
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        reply = await self._prefill(prompt, prefill, descriptor)
+        self.ttft_s = time.monotonic() - self.arrival
+        usage = Usage(len(prompt), completion_tokens=0, cached_tokens=reply.num_cached_tokens)
+        message = await self._message([reply.first_token], reply.finish_reason, text, usage)
+        message.prompt_token_ids.extend(prompt)
+        if message.finish_reason != UNSPECIFIED:
+            yield self._finish(message)
+            return
+        yield message
+
+        decode = self.decode
+        self.attach = decode.stub.Attach(
+            decode_pb2.AttachRequest(
+                request_id=self.request.request_id,
+                reservation_id=descriptor.reservation_id,
+                first_token=reply.first_token,
+                prompt_token_ids=prompt,
+                sampling_params=self.request.sampling_params_pb(),
+                num_cached_tokens=reply.num_cached_tokens,
+            ),
+            timeout=None if self.deadline is None else self._timeout(float("inf")),
+        )
+        while True:
+            event = await self._next_event(decode)
+            message = await self._message(event.tokens, event.finish_reason, text, usage)
+            if message.finish_reason != UNSPECIFIED:
+                yield self._finish(message)
+                return
+            if message.token_ids or message.text:
+                yield message
+
+    async def _next_event(self, decode: Worker) -> decode_pb2.TokenEvent:
+        idle = self.config.stream_idle_timeout_s
+        try:
+            async with asyncio.timeout(self._timeout(idle)):
+                event = await self.attach.read()
+        except TimeoutError:
+            raise DeadlineExceededError(f"decode worker {decode.address}: no tokens for {idle:g} s") from None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in DOWN_CODES:
+                self.router.decodes.mark_down(decode, f"{exc.code().name}: {exc.details()}")
+            raise upstream_error("decode", decode.address, exc) from exc
+        if event is grpc.aio.EOF:
+            raise UpstreamError(f"decode worker {decode.address} ended the stream without a finish reason")
+        return event
+
+    async def _message(
+        self,
+        tokens: Sequence[common_pb2.SampledToken],
+        finish_reason: int,
+        text: TextStream,
+        usage: Usage,
+    ) -> gateway_pb2.GenerateResponse:
+        """The client message for one batch of new tokens; a stop string it completes finishes the request."""
+        ids = [t.token_id for t in tokens]
+        usage.completion_tokens += len(ids)
+        delta = await text.add(ids, finished=finish_reason != UNSPECIFIED)
+        if text.stopped and finish_reason == UNSPECIFIED:
+            finish_reason, self.stopped_here = common_pb2.FINISH_REASON_STOP, True
+        message = gateway_pb2.GenerateResponse(request_id=self.request.request_id, token_ids=ids, text=delta)
+        if self.request.want_logprobs:
+            message.logprobs.extend(tokens)
+        if finish_reason != UNSPECIFIED:
+            message.finish_reason = finish_reason
+            message.usage.CopyFrom(usage.to_pb())
+        return message
+
+    def _finish(self, message: gateway_pb2.GenerateResponse) -> gateway_pb2.GenerateResponse:
+        """Complete the last message. Decode still holds the request if it finished on the first token (the
+        reservation) or on a stop string found here (the running sequence): start freeing it."""
+        if self.attach is None or self.stopped_here:
+            self.release = self._cancel(prefill=False)
+        self.done = True
+        timing = Timing(self.ttft_s, time.monotonic() - self.arrival, self.queue_s)
+        message.timing.CopyFrom(timing.to_pb())
+        return message
+
+    async def _abort(self) -> None:
+        """Free the request on every stage that may hold it, shielded from the cancellation that got us here."""
+        task = self._cancel(prefill=True)
+        if task is not None:
+            await asyncio.shield(task)
+
+    def _cancel(self, prefill: bool) -> asyncio.Task | None:
+        """Stop the decode stream and start Decode.Cancel (and Prefill.Cancel), each bounded by cancel_timeout_s."""
+        if self.attach is not None:
+            self.attach.cancel()
+        calls = []
+        request_id, timeout = self.request.request_id, self.config.cancel_timeout_s
+        if self.decode is not None:
+            pb = decode_pb2.DecodeCancelRequest(request_id=request_id)
+            calls.append(self.decode.stub.Cancel(pb, timeout=timeout))
+        if prefill and self.prefill is not None:
+            pb = prefill_pb2.PrefillCancelRequest(request_id=request_id)
+            calls.append(self.prefill.stub.Cancel(pb, timeout=timeout))
+        return self.gw.spawn(_settle(request_id, calls)) if calls else None
+
+
+async def _settle(request_id: str, calls: list[Awaitable[Any]]) -> None:
+    for result in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(result, Exception):
+            logger.warning("cancelling request %s: %s", request_id, result)
+

@@ -1,0 +1,242 @@
+"""Which worker of a role gets the next call, and which workers are in rotation at all.
+
+Life of a worker here: in rotation (calls go to it) -> a call fails with UNAVAILABLE, or a Stats/health
+probe fails -> out of rotation (no calls; probed every poll interval) -> a probe succeeds -> in rotation.
+Workers start in rotation; the first poll, run before the gateway reports ready, sorts out the dead ones.
+
+Policies, each a sort key over a worker's load (lowest wins, ties go round-robin):
+- decode: most free KV blocks from the last Stats poll, less the blocks this gateway reserved since
+  (so a burst between two polls spreads out instead of piling onto one worker), then fewest in flight;
+- prefill and tokenizer: fewest calls in flight from this gateway.
+`choose` never waits: with no worker of a role in rotation it raises UnavailableError at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stageserve.common.errors import UnavailableError
+from stageserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, tokenizer_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# A worker that comes back should be back in rotation within a poll or two, not after grpc's
+# default reconnect backoff (which grows to two minutes).
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+# Status codes that say "this worker is not there", as opposed to "this request was bad".
+DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+PROBE_DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(eq=False)
+class Worker:
+    """One worker of one role, as this gateway sees it."""
+
+    address: str
+    stub: Any  # the role's generated stub on `channel`
+    channel: grpc.aio.Channel | None = None  # shared by every role's worker at this address
+    available: bool = True
+    in_flight: int = 0  # this gateway's calls (or, for decode, requests) on it right now
+    free_blocks: int | None = None  # from the last Stats poll; None before the first
+    pending_blocks: int = 0  # blocks reserved through this gateway since that poll
+    last_error: str = ""
+
+    def headroom(self) -> int:
+        return (self.free_blocks or 0) - self.pending_blocks
+
+
+def least_in_flight(worker: Worker) -> tuple:
+    return (worker.in_flight,)
+
+
+def most_kv_headroom(worker: Worker) -> tuple:
+    return (-worker.headroom(), worker.in_flight)
+
+
+Probe = Callable[[Worker, float], Awaitable[None]]
+
+
+class WorkerPool:
+    """The workers of one role, the policy that picks among them, and their rotation state."""
+
+    def __init__(self, role: str, workers: Iterable[Worker], key: Callable[[Worker], tuple], probe: Probe):
+        self.role = role
+        self.workers = list(workers)
+        self._key = key
+        self._probe = probe
+        self._turn = 0  # round-robin among equally loaded workers
+
+    def choose(self, exclude: Iterable[Worker] = ()) -> Worker:
+        """The best worker in rotation and not in `exclude`; UnavailableError at once if there is none."""
+        excluded = set(exclude)
+        candidates = [w for w in self.workers if w.available and w not in excluded]
+        if not candidates:
+            errors = "; ".join(f"{w.address}: {w.last_error}" for w in self.workers if w.last_error)
+            raise UnavailableError(
+                f"no {self.role} worker is available ({len(self.workers)} configured"
+                + (f", {len(excluded)} already tried" if excluded else "")
+                + (f"; {errors}" if errors else "")
+                + ")"
+            )
+        best = min(self._key(w) for w in candidates)
+        ties = [w for w in candidates if self._key(w) == best]
+        self._turn += 1
+        return ties[self._turn % len(ties)]
+
+    def mark_down(self, worker: Worker, error: str) -> None:
+        """Take `worker` out of rotation until a probe succeeds."""
+        if worker.available:
+            logger.warning("%s worker %s out of rotation: %s", self.role, worker.address, error)
+        worker.available = False
+        worker.last_error = error
+
+    def mark_up(self, worker: Worker) -> None:
+        if not worker.available:
+            logger.info("%s worker %s back in rotation", self.role, worker.address)
+        worker.available = True
+        worker.last_error = ""
+
+    @contextlib.contextmanager
+    def track(self, worker: Worker) -> Iterator[Worker]:
+        """Count a call (or request) on `worker` as in flight for the block."""
+        worker.in_flight += 1
+        try:
+            yield worker
+        finally:
+            worker.in_flight -= 1
+
+    async def probe_all(self, timeout_s: float) -> None:
+        """Probe every worker at once; each result updates rotation (and, for decode, the KV headroom)."""
+        await asyncio.gather(*(self._probe_one(w, timeout_s) for w in self.workers))
+
+    async def _probe_one(self, worker: Worker, timeout_s: float) -> None:
+        try:
+            await self._probe(worker, timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            # Another status (UNIMPLEMENTED, say) proves the worker answers; it keeps whatever state it had.
+            if exc.code() in PROBE_DOWN_CODES or not worker.available:
+                self.mark_down(worker, f"probe: {exc.code().name}: {exc.details()}")
+            return
+        except NotServingError as exc:
+            self.mark_down(worker, f"probe: {exc}")
+            return
+        self.mark_up(worker)
+
+
+async def probe_decode(worker: Worker, timeout_s: float) -> None:
+    reply = await worker.stub.Stats(decode_pb2.DecodeStatsRequest(), timeout=timeout_s)
+    worker.free_blocks = reply.pool.free_blocks
+    worker.pending_blocks = 0  # the poll already counts every reservation made before it
+
+
+async def probe_prefill(worker: Worker, timeout_s: float) -> None:
+    await worker.stub.Stats(prefill_pb2.PrefillStatsRequest(), timeout=timeout_s)
+
+
+def health_probe(service: str) -> Probe:
+    """A probe through the standard health service's readiness of `service` (the tokenizer has no Stats)."""
+
+    async def probe(worker: Worker, timeout_s: float) -> None:
+        stub = health_pb2_grpc.HealthStub(worker.channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise NotServingError(f"{service} is not SERVING")
+
+    return probe
+
+
+class NotServingError(Exception):
+    """A worker answered its probe but says it is not ready (health NOT_SERVING)."""
+
+
+@dataclass
+class Router:
+    """The gateway's three worker pools over one reused channel per address, and the poller that keeps
+    their load and rotation state fresh."""
+
+    tokenizers: WorkerPool
+    prefills: WorkerPool
+    decodes: WorkerPool
+    channels: dict[str, grpc.aio.Channel]
+    poll_interval_s: float
+    probe_timeout_s: float
+    _task: asyncio.Task | None = field(default=None, repr=False)
+
+    @classmethod
+    def connect(
+        cls,
+        tokenizer_addresses: Iterable[str],
+        prefill_addresses: Iterable[str],
+        decode_addresses: Iterable[str],
+        poll_interval_s: float,
+        probe_timeout_s: float,
+    ) -> Router:
+        channels: dict[str, grpc.aio.Channel] = {}
+
+        def channel(address: str) -> grpc.aio.Channel:
+            if address not in channels:
+                channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            return channels[address]
+
+        def workers(addresses: Iterable[str], stub_class: type) -> list[Worker]:
+            # A repeated address is one worker.
+            return [Worker(a, stub_class(channel(a)), channel(a)) for a in dict.fromkeys(addresses)]
+
+        return cls(
+            tokenizers=WorkerPool(
+                "tokenizer",
+                workers(tokenizer_addresses, tokenizer_pb2_grpc.TokenizerStub),
+                least_in_flight,
+                health_probe("stageserve.v1.Tokenizer"),
+            ),
+            prefills=WorkerPool(
+                "prefill", workers(prefill_addresses, prefill_pb2_grpc.PrefillStub), least_in_flight, probe_prefill
+            ),
+            decodes=WorkerPool(
+                "decode", workers(decode_addresses, decode_pb2_grpc.DecodeStub), most_kv_headroom, probe_decode
+            ),
+            channels=channels,
+            poll_interval_s=poll_interval_s,
+            probe_timeout_s=probe_timeout_s,
+        )
+
+    @property
+    def pools(self) -> tuple[WorkerPool, ...]:
+        return (self.tokenizers, self.prefills, self.decodes)
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(pool.probe_all(self.probe_timeout_s) for pool in self.pools))
+
+    async def start(self) -> None:
+        """Poll once (so dead workers are out of rotation before the first request), then keep polling."""
+        await self.poll_once()
+        self._task = asyncio.create_task(self._poll_forever(), name="gateway-stats-poller")
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.poll_once()
+            except Exception:  # a poller that dies silently would freeze routing; log and keep going
+                logger.exception("stats poll failed")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await asyncio.gather(*(channel.close() for channel in self.channels.values()))
