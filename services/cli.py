@@ -1,6 +1,11 @@
 """The `stageserve` command line.
 
     stageserve generate PROMPT --local [--chat] [--json] [sampling flags]
+    stageserve generate PROMPT --target HOST:PORT [--chat] [--json] [sampling flags]   through a gateway
+    stageserve chat --target HOST:PORT [--system TEXT] [sampling flags]                 a streaming REPL
+    stageserve bench --target HOST:PORT [--dataset SHAREGPT.json] [--request-rate R] [--concurrency N] ...
+    stageserve serve ROLE [the role's flags]     one service: tokenizer, sample, draft, prefill, decode, gateway
+    stageserve up [--model M] [--decode-replicas N] [--sampler remote] ...   all of them, one process each
 """
 
 from __future__ import annotations
@@ -59,9 +64,13 @@ def engine_config_from_args(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
-    if not args.local:
-        print("error: generate needs --local (in-process engine)", file=sys.stderr)
+    if args.local == bool(args.target):
+        print("error: generate needs one of --local (in-process engine) and --target HOST:PORT", file=sys.stderr)
         return 2
+    if args.target:
+        from stageserve.gateway.commands import run_generate
+
+        return run_generate(args, params)
     from stageserve.engine.llm import LLM
 
     llm = LLM(args.model, engine_config_from_args(args))
@@ -76,6 +85,75 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stageserve.cluster.serve import serve_role
+
+    return serve_role(args.role, args.role_args)
+
+
+def add_serve_parser(sub) -> None:
+    from stageserve.common.roles import ROLE_NAMES
+
+    serve = sub.add_parser(
+        "serve", help="run one service in this process until SIGTERM/SIGINT",
+        description="Run one service. Its flags come from its config class: `stageserve serve ROLE --help`.",
+    )  # fmt: skip
+    serve.add_argument("role", choices=ROLE_NAMES)
+    serve.add_argument("role_args", nargs=argparse.REMAINDER, metavar="...", help="the role's flags")
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from stageserve.cluster.up import run_up
+
+    return run_up(args)
+
+
+def add_up_parser(sub) -> None:
+    from stageserve.cluster.up import add_up_args
+
+    up = sub.add_parser(
+        "up", help="start every service as its own process on this machine",
+        description="Start tokenizer, [sample], draft, prefill, decode and gateway processes on this machine, "
+        "wait until all are ready, print the gateway's address, and stop them all on Ctrl-C or SIGTERM.",
+    )  # fmt: skip
+    add_up_args(up)
+    up.set_defaults(func=cmd_up)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from stageserve.gateway.commands import run_chat
+
+    return run_chat(args, sampling_params_from_args(args))
+
+
+def add_chat_parser(sub) -> None:
+    chat = sub.add_parser("chat", help="chat with a running gateway (a streaming REPL; /exit or EOF quits)")
+    chat.add_argument("--target", required=True, metavar="HOST:PORT", help="the gateway")
+    chat.add_argument("--system", default=None, help="a system message that opens the conversation")
+    chat.add_argument("--model", default=None, help="model id (default: the gateway's default)")
+    chat.add_argument("--timeout", type=float, default=None, help="deadline of each reply in seconds")
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat, max_tokens=256)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stageserve.bench.runner import cmd_bench as run_bench
+
+    return run_bench(args)
+
+
+def add_bench_parser(sub) -> None:
+    from stageserve.bench.args import add_bench_args
+
+    bench = sub.add_parser(
+        "bench", help="load a running gateway and report TTFT, ITL, E2E latency and throughput",
+        description="Send random-length or ShareGPT prompts at a Poisson rate and/or a fixed concurrency.",
+    )  # fmt: skip
+    add_bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stageserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,12 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("prompt")
     gen.add_argument("--local", action="store_true", help="run the engine in this process")
+    gen.add_argument("--target", default=None, metavar="HOST:PORT", help="send the prompt to this gateway instead")
+    gen.add_argument("--timeout", type=float, default=None, help="with --target: the request's deadline in seconds")
     gen.add_argument("--model", default=None, help="default (SmolLM2-135M-Instruct), dummy:<shape>, a .gguf file or an HF dir")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_sampling_args(gen)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    add_serve_parser(sub)
+    add_up_parser(sub)
+    add_chat_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ RPCs finish for `grace` seconds before cancelling them.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -76,8 +77,12 @@ class ServerHandle:
         await self.server.stop(self.grace_s if grace is None else grace)
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
-        """Block until the server stops (or `timeout` passes); True if it stopped."""
-        timed_out = await self.server.wait_for_termination(timeout)  # grpc returns True on timeout
+        """Block until the server stops (or `timeout` passes); True if it stopped.
+
+        Cancelling the caller is safe: grpc awaits its shutdown future itself, and a cancelled future
+        would make a later `stop(grace)` return at once instead of draining, hence the shield.
+        """
+        timed_out = await asyncio.shield(self.server.wait_for_termination(timeout))  # True on timeout
         return not timed_out
 
 

@@ -283,3 +283,30 @@ def test_graceful_stop_drains_health_then_in_flight_rpcs():
         assert await handle.wait_for_termination(timeout=1.0)
 
     asyncio.run(body())
+
+
+def test_cancelling_a_wait_for_termination_keeps_the_graceful_stop():
+    # Every service's `serve()` waits in `wait_for_termination()` and, when its task is cancelled (SIGTERM
+    # in `stageserve serve`), calls `stop()`: the cancel must not cut the grace period short.
+    async def body():
+        tokenizer = FakeTokenizer()
+        handle = await create_server(ServerConfig(), [tokenizer])
+        await handle.set_ready(True)
+        waiting = asyncio.ensure_future(handle.wait_for_termination())
+        async with grpc.aio.insecure_channel(handle.address) as channel:
+            stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+            in_flight = asyncio.ensure_future(stub.Tokenize(tokenizer_pb2.TokenizeRequest(text="slow")))
+            await asyncio.sleep(0.1)  # let the slow RPC reach the handler
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+
+            stopping = asyncio.ensure_future(handle.stop(grace=5.0))
+            await asyncio.sleep(0.2)
+            assert not stopping.done()  # still draining
+            tokenizer.release.set()
+            assert list((await in_flight).token_ids) == [ord(c) for c in "slow"]  # finished within grace
+            await asyncio.wait_for(stopping, timeout=5.0)
+        assert await handle.wait_for_termination(timeout=1.0)
+
+    asyncio.run(body())
