@@ -43,7 +43,13 @@ class AttentionMetadata:
 
 
 class AttentionBackend(abc.ABC):
-    """Writes a step's new keys/values into the paged cache and attends over each sequence's context."""
+    """Writes a step's new keys/values into the paged cache and attends over each sequence's context.
+
+    A backend with `fuses_rope = True` also offers `forward_rope(q, k, v, rope, kv_cache, meta, scale)`,
+    which takes q and k before rotation and rotates them while writing the cache.
+    """
+
+    fuses_rope: bool = False
 
     @abc.abstractmethod
     def forward(

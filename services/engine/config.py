@@ -76,6 +76,13 @@ class EngineConfig:
     )
     dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    attention_backend: str = field(
+        default="auto", metadata={"help": "auto (triton on CUDA, torch elsewhere), torch or triton"}
+    )
+    cuda_graphs: bool = field(default=True, metadata={"help": "replay captured CUDA graphs for decode steps (CUDA only)"})
+    max_graph_batch_size: int = field(
+        default=256, metadata={"help": "largest decode batch replayed from a CUDA graph", "min": 1}
+    )
     sampler_seed: int = field(default=0, metadata={"help": "seed of the generator for unseeded sampled requests", "min": 0})
 
     def __post_init__(self) -> None:
@@ -84,5 +91,7 @@ class EngineConfig:
                 raise InvalidArgumentError(name, "must be >= 1")
         if self.max_waiting < 0:
             raise InvalidArgumentError("max_waiting", "must be >= 0")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise InvalidArgumentError("attention_backend", f"unknown backend {self.attention_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidArgumentError("dtype", f"unknown dtype {self.dtype!r}")

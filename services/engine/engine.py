@@ -82,6 +82,7 @@ class LLMEngine:
             device=self.device,
             dtype=self.dtype,
             eos_token_id=eos_token_ids or None,
+            max_model_len=self.max_model_len,
         )
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished prefill-only requests whose blocks await transfer
@@ -315,3 +316,4 @@ class LLMEngine:
         self.add_request(request_id, [0, 1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         while request_id in self.requests:
             self.step()
+        self.runner.capture_graphs()

@@ -5,11 +5,15 @@ from __future__ import annotations
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine
 from stageserve.engine.loader.weights import LoadedModel, load_model
+from stageserve.engine.runner import resolve_device, resolve_dtype
 from stageserve.tokenizer.text_tokenizer import TextTokenizer, load_tokenizer
 
 
-def load_model_and_tokenizer(model: str | None) -> tuple[LoadedModel, TextTokenizer | None]:
-    loaded = load_model(model)
+def load_model_and_tokenizer(model: str | None, config: EngineConfig | None = None) -> tuple[LoadedModel, TextTokenizer | None]:
+    """Dummy weights are drawn directly on the engine's device and dtype; real ones are read on the CPU."""
+    config = config or EngineConfig()
+    device = resolve_device(config.device)
+    loaded = load_model(model, device=device, dtype=resolve_dtype(config.dtype, device))
     tokenizer = load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
     return loaded, tokenizer
 
@@ -20,6 +24,6 @@ def create_engine(model: str | LoadedModel | None, config: EngineConfig | None =
         loaded = model
         tokenizer = load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
     else:
-        loaded, tokenizer = load_model_and_tokenizer(model)
+        loaded, tokenizer = load_model_and_tokenizer(model, config)
     eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
     return LLMEngine(loaded, config, eos_token_ids=eos)

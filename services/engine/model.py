@@ -11,25 +11,24 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stageserve.common.errors import ModelLoadError
 from stageserve.engine.attention import AttentionBackend, AttentionMetadata
 from stageserve.engine.config import ModelConfig, RopeScaling
+from stageserve.engine.ops import TorchOps
 
 
 class RMSNorm(nn.Module):
+    """Holds the norm's weight and epsilon; the math lives in the model's `ops` (fused on GPU)."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return TorchOps.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -100,48 +99,66 @@ class Attention(nn.Module):
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache, meta: AttentionMetadata):
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
-        # q and k rotate together: one set of RoPE ops per layer instead of two.
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)  # [num_tokens, heads, head_dim]
+        if self.backend.fuses_rope:  # rotation happens inside the backend's cache write
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            out = self.backend.forward_rope(q, k, v, rope, kv_cache, meta, self.scale)
+        else:
+            # q and k rotate together: one set of RoPE ops per layer instead of two.
+            q, k = apply_rope(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
+            out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)  # [num_tokens, heads, head_dim]
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ops):
         super().__init__()
-        self.intermediate = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.ops = ops
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    """Pre-norm block. The residual stream is carried alongside, so each norm fuses the add before it."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, ops)
+        self.ops = ops
 
-    def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta):
+        """x: this layer's input delta; residual: the stream so far (None before the first layer)."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual, h = x, self.ops.rms_norm(x, norm.weight, norm.eps)
+        else:
+            h, residual = self.ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, rope, kv_cache, meta)
+        norm = self.post_attention_layernorm
+        h, residual = self.ops.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
     """Decoder stack plus LM head. `forward` returns hidden states; `compute_logits` projects chosen rows."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, freq_factors: torch.Tensor | None = None):
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, freq_factors: torch.Tensor | None = None, ops=TorchOps
+    ):
         super().__init__()
         self.config = config
+        self.ops = ops
         self.rope = RotaryEmbedding(config, freq_factors)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, ops) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -156,9 +173,10 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden]
         x = self.embed_tokens(input_ids)
         rope = self.rope.lookup(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] in float32, whatever the model's dtype."""

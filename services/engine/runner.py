@@ -8,11 +8,15 @@ a prompt samples nothing).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from stageserve.engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
 from stageserve.engine.config import EngineConfig, ModelConfig
+from stageserve.engine.cuda_graphs import CudaGraphRunner
 from stageserve.engine.model import LlamaModel
+from stageserve.engine.ops import TorchOps, TritonOps
 from stageserve.engine.scheduler import SchedulerOutput
 from stageserve.sample.sampler import SampledToken, Sampler, SamplingRow
 
@@ -38,14 +42,17 @@ class ModelRunner:
         *,
         device: torch.device,
         dtype: torch.dtype,
-        eos_token_id: int | None = None,
+        eos_token_id: int | frozenset[int] | None = None,
         backend: AttentionBackend | None = None,
+        max_model_len: int | None = None,
     ):
         self.model_config, self.config = model_config, engine_config
         self.device, self.dtype = device, dtype
         freq_factors = state_dict.get("rope_freqs")
+        backend, ops = backend_and_ops(engine_config.attention_backend, device) if backend is None else (backend, TorchOps)
+        self.backend_name = ops.name
         with torch.device("meta"):  # skip random init: every weight is overwritten below
-            model = LlamaModel(model_config, backend or TorchAttention(), freq_factors=freq_factors)
+            model = LlamaModel(model_config, backend, freq_factors=freq_factors, ops=ops)
         model = model.to_empty(device=device).to(dtype)
         model.load_hf_state_dict(state_dict)
         model.rope.reset_tables()  # float32, whatever the weights' dtype
@@ -53,6 +60,17 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache()
         generator = torch.Generator(device=device).manual_seed(engine_config.sampler_seed)
         self.sampler = Sampler(eos_token_id=eos_token_id, generator=generator)
+        self.graphs: CudaGraphRunner | None = None
+        if device.type == "cuda" and engine_config.cuda_graphs and ops is TritonOps:
+            max_len = max_model_len or model_config.max_position_embeddings
+            self.graphs = CudaGraphRunner(
+                self.model, self.kv_caches, min(engine_config.max_graph_batch_size, engine_config.max_num_seqs),
+                -(-max_len // engine_config.block_size), max_len,
+            )
+
+    def capture_graphs(self) -> None:
+        if self.graphs is not None:
+            self.graphs.capture()
 
     def _allocate_kv_cache(self) -> list[torch.Tensor]:
         c, m = self.config, self.model_config
@@ -75,13 +93,22 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[SampledToken | None]:
         """Run one step; returns, per scheduled request, its sampled token or None (mid-prefill)."""
-        input_ids, positions, slots, meta, sample_rows = self._prepare(sched)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [num_tokens, hidden]
+        host, sample_rows = self._prepare_host(sched)
         results: list[SampledToken | None] = [None] * len(sched.scheduled)
-        if not sample_rows:
-            return results
-        indices = torch.tensor([row for _, row in sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[indices])  # [num_sampled, vocab]
+        decode_only = host.query_start_loc[-1] == len(sched.scheduled)
+        if decode_only and self.graphs is not None and self.graphs.can_run(len(sched.scheduled), host.block_tables.shape[1]):
+            logits = self.graphs.run(host.input_ids, host.positions, host.slots, host.block_tables, host.seq_lens)
+            if not sample_rows:
+                return results
+            if len(sample_rows) < len(sched.scheduled):  # a one-token prefill chunk samples nothing
+                logits = logits[torch.tensor([i for i, _ in sample_rows], device=self.device)]
+        else:
+            meta = host.to_device(self.device)
+            hidden = self.model(meta.input_ids, meta.positions, self.kv_caches, meta.attention)  # [num_tokens, hidden]
+            if not sample_rows:
+                return results
+            indices = torch.tensor([row for _, row in sample_rows], device=self.device)
+            logits = self.model.compute_logits(hidden[indices])  # [num_sampled, vocab]
         rows = [
             SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids)
             for r in (sched.scheduled[i].request for i, _ in sample_rows)
@@ -90,14 +117,15 @@ class ModelRunner:
             results[i] = token
         return results
 
-    def _prepare(self, sched: SchedulerOutput):
+    def _prepare_host(self, sched: SchedulerOutput) -> tuple[HostBatch, list[tuple[int, int]]]:
+        """The step's inputs as host tensors, and (index in schedule, row in the flat batch) of rows to sample."""
         bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
-        sample_rows: list[tuple[int, int]] = []  # (index in schedule, row in the flat batch)
+        sample_rows: list[tuple[int, int]] = []
         for i, s in enumerate(sched.scheduled):
             r, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
@@ -110,15 +138,52 @@ class ModelRunner:
                 sample_rows.append((i, len(input_ids) - 1))
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
         table = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.scheduled]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
+        host = HostBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            slots=torch.tensor(slots, dtype=torch.int64),
+            block_tables=torch.tensor(table, dtype=torch.int64),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64),
             query_start_loc=query_start_loc,
             seq_lens_host=seq_lens,
-            max_seq_len=max(seq_lens),
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ids, pos, slots, meta, sample_rows
+        return host, sample_rows
+
+
+@dataclass
+class DeviceBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attention: AttentionMetadata
+
+
+@dataclass
+class HostBatch:
+    """One step's inputs on the host, before they are copied to the device (or into graph buffers)."""
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    slots: torch.Tensor  # [num_tokens]
+    block_tables: torch.Tensor  # [num_seqs, max_blocks]
+    seq_lens: torch.Tensor  # [num_seqs]
+    query_start_loc: list[int]
+    seq_lens_host: list[int]
+
+    def to_device(self, device: torch.device) -> DeviceBatch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True) if device.type == "cuda" else t
+
+        attention = AttentionMetadata(
+            slot_mapping=move(self.slots), block_tables=move(self.block_tables), seq_lens=move(self.seq_lens),
+            query_start_loc=self.query_start_loc, seq_lens_host=self.seq_lens_host, max_seq_len=max(self.seq_lens_host),
+        )
+        return DeviceBatch(move(self.input_ids), move(self.positions), attention)
+
+
+def backend_and_ops(name: str, device: torch.device) -> tuple[AttentionBackend, type]:
+    """The attention backend and element-wise ops for a config value: Triton on CUDA, torch elsewhere."""
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TorchAttention(), TorchOps
+    from stageserve.engine.triton_attention import TritonAttention
+
+    return TritonAttention(), (TritonOps if device.type == "cuda" else TorchOps)

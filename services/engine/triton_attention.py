@@ -8,7 +8,7 @@ through `forward_rope`), then every query attends over the cache:
 
 Nothing here waits on the device: grid sizes come from the host copies in `AttentionMetadata`, and the
 one host-to-device copy (`query_start_loc`, only when some sequence brings more than one token) is
-staged through pinned memory and made once per step, then reused by every layer.
+staged through pinned memory, made on the step's first layer and kept in `meta.backend_state` for the rest.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ class TritonAttention(AttentionBackend):
 
     def __init__(self, *, max_decode_query_len: int = 8):
         self.max_decode_query_len = max_decode_query_len
-        # (meta, query_start_loc on device, longest query run) of the step being run: the layers share one meta.
-        self._step: tuple[AttentionMetadata, torch.Tensor, int] | None = None
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
@@ -40,15 +38,14 @@ class TritonAttention(AttentionBackend):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim], not yet rotated
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], not yet rotated
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        positions: torch.Tensor,  # [num_tokens] int64
-        cos: torch.Tensor,  # [max_pos, head_dim // 2] float32
-        sin: torch.Tensor,  # [max_pos, head_dim // 2] float32
+        rope: tuple[torch.Tensor, torch.Tensor],  # the step's (cos, sin), each [num_tokens, 1, head_dim // 2]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """`forward` on rotated q/k, with the rotation fused into the cache write (one kernel instead of ~10)."""
-        q = rope_and_cache(q, k, v, positions, cos, sin, kv_cache, meta.slot_mapping)
+        cos, sin = (t.reshape(t.shape[0], -1) for t in rope)  # [num_tokens, head_dim // 2]
+        q = rope_and_cache(q, k, v, None, cos, sin, kv_cache, meta.slot_mapping)
         return self._attend(q, kv_cache, meta, scale)
 
     def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -67,11 +64,12 @@ class TritonAttention(AttentionBackend):
 
     def _step_tensors(self, meta: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, int]:
         """query_start_loc on the device and the longest query run, made on the step's first layer."""
-        if self._step is None or self._step[0] is not meta:
+        state = meta.backend_state.get("triton_query_start_loc")
+        if state is None:
             starts = meta.query_start_loc
             max_query_len = max(b - a for a, b in zip(starts, starts[1:]))
             host = torch.tensor(starts, dtype=torch.int32)
             if device.type == "cuda":
                 host = host.pin_memory()  # a pageable copy would make the host wait for queued kernels
-            self._step = (meta, host.to(device, non_blocking=True), max_query_len)
-        return self._step[1], self._step[2]
+            state = meta.backend_state["triton_query_start_loc"] = (host.to(device, non_blocking=True), max_query_len)
+        return state
