@@ -10,6 +10,7 @@ Phases (each prints rows as it goes; everything lands in $OUT/gpu_engine.json wh
   throughput  dummy:llama-3-8b, 512-token prompts, 256 new tokens, at concurrency 1/16/64/256:
               output tok/s, TTFT and ITL percentiles; TTFT of one 2,048-token prompt vs the FLOP floor
   hf          HF transformers generate on the same GPU: the naive baseline at the same batch sizes
+  profile     where a batch-1 decode step's time goes: GPU kernel time and count per step vs wall time
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import torch
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine
 from stageserve.engine.factory import create_engine
-from stageserve.engine.loader.weights import load_model
 from stageserve.sample.params import SamplingParams
 
 RESULTS: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -67,12 +67,10 @@ def ceilings() -> tuple[float, float]:
     b = torch.empty_like(a)
     copy_s = cuda_time(lambda: b.copy_(a))
     copy_bw = 2 * a.numel() * a.element_size() / copy_s
-    del a, b
     x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     y = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     mm_s = cuda_time(lambda: x @ y)
     flops = 2 * 8192**3 / mm_s
-    del x, y
     log("ceilings", copy_GBps=copy_bw / 1e9, bf16_matmul_TFLOPs=flops / 1e12, gpu=torch.cuda.get_device_name())
     return copy_bw, flops
 
@@ -206,6 +204,32 @@ def hf_baseline(concurrencies: list[int]) -> None:
     release(model)
 
 
+def profile_step(model_path: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in (model_path, "dummy:llama-3-8b"):
+        engine = engine_for(name, dtype="bfloat16", max_num_seqs=16, num_blocks=512)
+        params = SamplingParams(max_tokens=64, min_tokens=64, temperature=0.0, ignore_eos=True)
+        engine.add_request("p", list(range(100, 228)), params)
+        for _ in range(8):
+            engine.step()
+        torch.cuda.synchronize()
+        steps = 20
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / steps
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_s = sum(e.device_time_total for e in kernels) / 1e6 / steps
+        top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:6]
+        log("profile", model=name.split("/")[-1], wall_ms_per_step=1e3 * wall, gpu_kernel_ms_per_step=1e3 * gpu_s,
+            kernels_per_step=len(kernels) / steps, host_not_overlapped_ms=1e3 * (wall - gpu_s),
+            top_kernels="; ".join(f"{e.key[:40]} {e.device_time_total / steps:.0f}us" for e in top))
+        release(engine)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the default model's .gguf file")
@@ -221,6 +245,8 @@ def main() -> None:
             batch1(args.model, copy_bw)
         if "throughput" in phases:
             throughput(copy_bw, flops)
+        if "profile" in phases:
+            profile_step(args.model)
         if "hf" in phases:
             hf_baseline([int(x) for x in args.hf_concurrency.split(",")])
     finally:

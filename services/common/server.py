@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,3 +160,14 @@ async def create_server(
         grace_s=config.grace_s,
         address=f"{host}:{port}",
     )
+
+
+async def serve_until_stopped(handle: ServerHandle, *cleanups: Callable[[], Awaitable[None]]) -> None:
+    """Serve until the server stops or this task is cancelled (how SIGTERM arrives), then stop
+    gracefully and run `cleanups` (e.g. stopping an engine thread). Every service's `serve()` ends here."""
+    try:
+        await handle.wait_for_termination()
+    finally:
+        await handle.stop()
+        for cleanup in cleanups:
+            await cleanup()

@@ -3,7 +3,8 @@
 Life of a sequence here:
     Reserve    -> blocks allocated, a Reservation with a deadline (RESERVED)
     PushKV     -> every chunk validated against the reservation and our pool, then written
-    Attach     -> the KV is complete: the sequence joins the continuous batch; tokens stream back
+    Attach     -> waits (bounded) until the KV is complete, then the sequence joins the continuous batch
+                  and tokens stream back; a failed transfer fails the Attach at once
     Cancel, a client that goes away, or a reservation past its deadline -> blocks freed at once
 """
 
@@ -14,10 +15,8 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from stageserve.common.config import parse_config
 from stageserve.common.convert import (
     check_token_ids,
     finish_reason_to_pb,
@@ -26,8 +25,8 @@ from stageserve.common.convert import (
     sampling_params_from_pb,
 )
 from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
-from stageserve.common.errors import InvalidArgumentError, NotFoundError
-from stageserve.common.server import ServerHandle, create_server
+from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError, NotFoundError
+from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.engine.engine import RequestOutput
 from stageserve.engine.worker import EngineWorker
 from stageserve.sample.sampler import SampledToken
@@ -41,6 +40,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DecodeServiceConfig(WorkerConfig):
     reservation_ttl_s: float = field(default=30.0, metadata={"help": "unattached reservations are freed after this", "min": 0.1})
+    kv_wait_timeout_s: float = field(
+        default=30.0, metadata={"help": "how long Attach waits for a reservation's KV to finish arriving", "min": 0.01}
+    )
     sample_address: str | None = field(default=None, metadata={"help": "HOST:PORT of a Sample service (--sampler remote)"})
     advertise_address: str | None = field(
         default=None, metadata={"help": "address prefill workers push KV to (default: the bound host:port)"}
@@ -56,8 +58,9 @@ def tokens_pb(outputs: list[RequestOutput]) -> list:
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, worker: EngineWorker, reservation_ttl_s: float):
+    def __init__(self, worker: EngineWorker, reservation_ttl_s: float, kv_wait_timeout_s: float = 30.0):
         self.worker, self.engine = worker, worker.engine
+        self.kv_wait_timeout_s = kv_wait_timeout_s
         self.layout = kv_layout(self.engine)
         self.ttl_s = reservation_ttl_s
         self.address = ""  # set once the server is bound
@@ -91,8 +94,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 raise InvalidArgumentError("kv_chunk.reservation_id", "changed within one stream")
             try:
                 pages = validate_chunk(chunk, reservation, self.layout)
-            except InvalidArgumentError:
-                reservation.reset()  # fail closed: nothing of this transfer will be decoded
+            except InvalidArgumentError as exc:
+                reservation.fail(str(exc))  # fail closed: nothing of this transfer will be decoded
                 raise
             # Reserved blocks belong to no running sequence, so writing them off the engine thread is safe.
             self.engine.runner.write_kv(chunk.layer_index, list(chunk.block_ids), pages)
@@ -100,8 +103,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             reservation.next_chunk += 1
             num_chunks, num_bytes = num_chunks + 1, num_bytes + len(chunk.data)
             if chunk.final and not reservation.complete:
-                reservation.reset()
-                raise InvalidArgumentError("kv_chunk.final", "transfer ended before every layer of every block arrived")
+                reservation.fail("transfer ended before every layer of every block arrived")
+                raise InvalidArgumentError("kv_chunk.final", reservation.error)
+            if reservation.complete:
+                reservation.land()
         rid = reservation.reservation_id if reservation else ""
         return decode_pb2.PushKVResponse(reservation_id=rid, num_chunks=num_chunks, num_bytes=num_bytes)
 
@@ -109,8 +114,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         reservation = self._reservation(request.reservation_id, "reservation_id")
         if reservation.request_id != request.request_id:
             raise InvalidArgumentError("request_id", "does not own this reservation")
-        if not reservation.complete:
-            raise InvalidArgumentError("reservation_id", "its KV has not fully arrived")
+        if not reservation.complete:  # the prefill worker may still be pushing: wait, but not forever
+            try:
+                await asyncio.wait_for(reservation.settled.wait(), self.kv_wait_timeout_s)
+            except TimeoutError:
+                raise DeadlineExceededError(f"reservation_id: KV did not arrive within {self.kv_wait_timeout_s} s") from None
+            if not reservation.complete:
+                raise InvalidArgumentError("reservation_id", f"KV transfer failed: {reservation.error}")
         check_token_ids(request.prompt_token_ids, self.engine.model_config.vocab_size, "prompt_token_ids")
         first = sampled_token_from_pb(request.first_token)
         prompt, cached = list(request.prompt_token_ids), request.num_cached_tokens
@@ -166,7 +176,7 @@ async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None)
         from stageserve.sample.remote import RemoteSampler
 
         worker.engine.runner.sampler = RemoteSampler(config.sample_address)
-    servicer = DecodeServicer(worker, config.reservation_ttl_s)
+    servicer = DecodeServicer(worker, config.reservation_ttl_s, config.kv_wait_timeout_s)
     handle = await create_server(config.server, [servicer])
     servicer.address = config.advertise_address or handle.address
     servicer.reaper = asyncio.create_task(servicer.reap_expired())
@@ -177,17 +187,4 @@ async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None)
 
 async def serve(config: DecodeServiceConfig) -> None:
     handle, worker = await start(config)
-    try:
-        await handle.wait_for_termination()
-    finally:
-        await handle.stop()
-        await worker.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(parse_config(DecodeServiceConfig, argv)))
-
-
-if __name__ == "__main__":
-    main()
+    await serve_until_stopped(handle, worker.stop)

@@ -5,21 +5,18 @@ replica (route by sequence id). Callers send only the tokens appended since thei
 that evicted or never saw a sequence answers Accept with NOT_FOUND, and its next Propose starts the
 sequence afresh from whatever tokens that call carries.
 
-Run one with `python -m stageserve.draft.service --server-port 50053`.
+Run one with `stageserve serve draft --server-port 50053`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc.aio
 
-from stageserve.common.config import parse_config
 from stageserve.common.errors import InvalidArgumentError
-from stageserve.common.server import ServerConfig, ServerHandle, create_server
+from stageserve.common.server import ServerConfig, ServerHandle, create_server, serve_until_stopped
 from stageserve.draft.ngram import NgramProposer
 from stageserve.v1 import draft_pb2, draft_pb2_grpc
 
@@ -98,18 +95,4 @@ async def start(config: DraftServiceConfig, proposer: NgramProposer | None = Non
 
 
 async def serve(config: DraftServiceConfig) -> None:
-    """Start, then serve until the server stops or this task is cancelled (then stop gracefully)."""
-    handle = await start(config)
-    try:
-        await handle.wait_for_termination()
-    finally:
-        await handle.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(parse_config(DraftServiceConfig, argv)))
-
-
-if __name__ == "__main__":
-    main()
+    await serve_until_stopped(await start(config))

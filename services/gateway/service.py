@@ -1,22 +1,20 @@
 """The Gateway gRPC service: the front door. A thin layer over `Gateway` and `RequestFlow`.
 
 Run one with
-    python -m stageserve.gateway.service --tokenizer-addresses HOST:PORT --prefill-addresses HOST:PORT \\
+    stageserve serve gateway --tokenizer-addresses HOST:PORT --prefill-addresses HOST:PORT \\
         --decode-addresses HOST:PORT [HOST:PORT ...] --server-port 50050
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import grpc.aio
 
-from stageserve.common.config import parse_config
-from stageserve.common.server import ServerHandle, create_server
+from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.gateway.config import GatewayServiceConfig
 from stageserve.gateway.core import Gateway
 from stageserve.gateway.request import complete_response
@@ -106,18 +104,4 @@ async def start(config: GatewayServiceConfig) -> GatewayHandle:
 
 
 async def serve(config: GatewayServiceConfig) -> None:
-    """Start, then serve until the server stops or this task is cancelled (then stop gracefully)."""
-    handle = await start(config)
-    try:
-        await handle.wait_for_termination()
-    finally:
-        await handle.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(parse_config(GatewayServiceConfig, argv)))
-
-
-if __name__ == "__main__":
-    main()
+    await serve_until_stopped(await start(config))

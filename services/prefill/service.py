@@ -5,7 +5,9 @@ Life of a Prefill call:
     1. validate the prompt, params and the decode target's descriptor against our own KV layout
     2. run the prompt as a prefill-only request (chunked, batched with other prompts, prefix-cached);
        it finishes after sampling the first token and its blocks stay HELD
-    3. unless the first token already ends the request, send the held pages with the KV transport
+    3. unless the first token already ends the request, send the held pages with the KV transport:
+       by default in the background after the first token is returned (`first_token_before_kv`), so the
+       transfer is off the TTFT path and decode's Attach waits for it; or before returning
     4. release the held blocks on every exit path: success, transfer failure, cancel, deadline
 """
 
@@ -14,12 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import grpc
 
-from stageserve.common.config import parse_config
 from stageserve.common.convert import (
     check_token_ids,
     finish_reason_to_pb,
@@ -28,7 +27,7 @@ from stageserve.common.convert import (
 )
 from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
 from stageserve.common.errors import InvalidArgumentError
-from stageserve.common.server import ServerHandle, create_server
+from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.engine.worker import EngineWorker
 from stageserve.engine.engine import RequestOutput
 from stageserve.sample.params import SamplingParams
@@ -45,6 +44,9 @@ class PrefillServiceConfig(WorkerConfig):
     kv_timeout_s: float = field(default=30.0, metadata={"help": "deadline of one KV transfer", "min": 0.1})
     kv_chunk_bytes: int = field(default=DEFAULT_MAX_CHUNK_BYTES, metadata={"help": "host transport chunk size", "min": 4096})
     kv_checksum: bool = field(default=True, metadata={"help": "CRC-32 every KV chunk"})
+    first_token_before_kv: bool = field(
+        default=True, metadata={"help": "return the first token before the KV transfer ends (lower TTFT)"}
+    )
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,10 @@ def first_token(out: RequestOutput) -> SampledToken:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, worker: EngineWorker, sender: KVSender, kv_timeout_s: float):
+    def __init__(self, worker: EngineWorker, sender: KVSender, kv_timeout_s: float, background: bool = True):
         self.worker, self.sender, self.kv_timeout_s = worker, sender, kv_timeout_s
+        self.background = background
+        self.transfers: dict[str, asyncio.Task] = {}  # request id -> KV push still under way
         self.engine = worker.engine
         self.layout = kv_layout(self.engine)
 
@@ -93,12 +97,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         add = lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, req.cache_salt, prefill_only=True)
         async for batch in self.worker.stream(req.request_id, add):
             out = batch[-1]
-        try:
-            if out.finish_reason is None and req.descriptor is not None:
-                src = await self.worker.call(lambda e: e.held_block_ids(req.request_id))
-                stats = await self.sender.send(req.descriptor, src, self._read_layer, self.kv_timeout_s)
-                logger.debug("%s: %d KV bytes in %d chunks, %.1f ms", req.request_id, stats.num_bytes, stats.num_chunks, stats.seconds * 1e3)
-        finally:
+        if out.finish_reason is None and req.descriptor is not None:
+            transfer = self._transfer(req)
+            if self.background:
+                self.transfers[req.request_id] = asyncio.create_task(transfer)
+            else:
+                await transfer
+        else:
             await self.worker.call(lambda e: e.release_held(req.request_id))
         token = first_token(out)
         logger.debug("%s: prefill %d tokens in %.1f ms", req.request_id, len(req.prompt_token_ids), (time.monotonic() - start) * 1e3)
@@ -121,12 +126,36 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if d.transport != self.sender.name:
             raise InvalidArgumentError("decode_target.kv.transport", f"{d.transport!r} is not served here ({self.sender.name!r})")
 
+    async def _transfer(self, req: PrefillInput) -> None:
+        """Push the held pages into the decode worker's reservation, then release them whatever happens.
+
+        A failure is only logged here: decode's reservation then never completes (or is marked failed),
+        so its Attach fails and the gateway sees the error there.
+        """
+        try:
+            src = await self.worker.call(lambda e: e.held_block_ids(req.request_id))
+            stats = await self.sender.send(req.descriptor, src, self._read_layer, self.kv_timeout_s)
+            logger.debug("%s: %d KV bytes in %d chunks, %.1f ms", req.request_id, stats.num_bytes, stats.num_chunks, stats.seconds * 1e3)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # grpc errors, timeouts: the request fails at decode's Attach
+            logger.warning("%s: KV transfer to %s failed: %s", req.request_id, req.target_address, exc)
+            if not self.background:
+                raise
+        finally:
+            self.transfers.pop(req.request_id, None)
+            await self.worker.call(lambda e: e.release_held(req.request_id))
+
     async def _read_layer(self, layer: int, block_ids: list[int]):
         # Held blocks are written by nobody until released, so they can be read off the engine thread.
         return await asyncio.to_thread(self.engine.runner.read_kv, layer, block_ids)
 
     async def Cancel(self, request, context):
-        return prefill_pb2.PrefillCancelResponse(found=await self.worker.abort_quietly(request.request_id))
+        transfer = self.transfers.pop(request.request_id, None)
+        if transfer is not None:
+            transfer.cancel()  # its `finally` releases the held blocks
+        found = await self.worker.abort_quietly(request.request_id)
+        return prefill_pb2.PrefillCancelResponse(found=found or transfer is not None)
 
     async def Stats(self, request, context):
         return prefill_pb2.PrefillStatsResponse(pool=await self.worker.call(pool_stats_pb))
@@ -135,7 +164,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 async def start(config: PrefillServiceConfig, worker: EngineWorker | None = None) -> tuple[ServerHandle, EngineWorker]:
     worker = worker or await start_worker(config)
     sender = HostKVSender(channel_cache(), max_chunk_bytes=config.kv_chunk_bytes, checksum=config.kv_checksum)
-    handle = await create_server(config.server, [PrefillServicer(worker, sender, config.kv_timeout_s)])
+    handle = await create_server(config.server, [PrefillServicer(worker, sender, config.kv_timeout_s, config.first_token_before_kv)])
     await handle.set_ready(True)
     logger.info("prefill serving on %s", handle.address)
     return handle, worker
@@ -143,17 +172,4 @@ async def start(config: PrefillServiceConfig, worker: EngineWorker | None = None
 
 async def serve(config: PrefillServiceConfig) -> None:
     handle, worker = await start(config)
-    try:
-        await handle.wait_for_termination()
-    finally:
-        await handle.stop()
-        await worker.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(parse_config(PrefillServiceConfig, argv)))
-
-
-if __name__ == "__main__":
-    main()
+    await serve_until_stopped(handle, worker.stop)

@@ -5,20 +5,18 @@ derived from (seed, len(output_token_ids)), so a remote call gives exactly the t
 `Sampler` gives for the same row on the same device type. Rows with different vocabulary sizes may
 share a request; each size is sampled as its own batch.
 
-Run one with `python -m stageserve.sample.service --server-port 50052`.
+Run one with `stageserve serve sample --server-port 50052`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc.aio
 import torch
 
-from stageserve.common.config import parse_config
 from stageserve.common.convert import (
     DEFAULT_MAX_TOKENS,
     check_token_ids,
@@ -27,7 +25,7 @@ from stageserve.common.convert import (
     sampling_params_from_pb,
 )
 from stageserve.common.errors import InvalidArgumentError
-from stageserve.common.server import ServerConfig, ServerHandle, create_server
+from stageserve.common.server import ServerConfig, ServerHandle, create_server, serve_until_stopped
 from stageserve.sample.sampler import SampledToken, Sampler, SamplingRow
 from stageserve.v1 import sample_pb2, sample_pb2_grpc
 
@@ -134,18 +132,4 @@ async def start(config: SampleServiceConfig, sampler: Sampler | None = None) -> 
 
 
 async def serve(config: SampleServiceConfig) -> None:
-    """Start, then serve until the server stops or this task is cancelled (then stop gracefully)."""
-    handle = await start(config)
-    try:
-        await handle.wait_for_termination()
-    finally:
-        await handle.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(parse_config(SampleServiceConfig, argv)))
-
-
-if __name__ == "__main__":
-    main()
+    await serve_until_stopped(await start(config))

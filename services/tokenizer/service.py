@@ -6,22 +6,19 @@ caller, so any replica can serve any call of a stream:
     offsets = (0, 0)
     for each new token:  reply = Detokenize(all_ids, *offsets);  emit reply.text;  offsets = reply's
 
-Run one with `python -m stageserve.tokenizer.service --model-path model.gguf --server-port 50051`.
+Run one with `stageserve serve tokenizer --model-path model.gguf --server-port 50051`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc.aio
 
-from stageserve.common.config import parse_config
 from stageserve.common.convert import chat_messages_from_pb, check_token_ids, field_prefix
 from stageserve.common.errors import InvalidArgumentError
-from stageserve.common.server import ServerConfig, ServerHandle, create_server
+from stageserve.common.server import ServerConfig, ServerHandle, create_server, serve_until_stopped
 from stageserve.tokenizer.detokenize import detokenize_incrementally
 from stageserve.tokenizer.text_tokenizer import TextTokenizer, load_tokenizer
 from stageserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -143,18 +140,4 @@ async def start(config: TokenizerServiceConfig, tokenizer: TextTokenizer | None 
 
 
 async def serve(config: TokenizerServiceConfig) -> None:
-    """Start, then serve until the server stops or this task is cancelled (then stop gracefully)."""
-    handle = await start(config)
-    try:
-        await handle.wait_for_termination()
-    finally:
-        await handle.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO)
-    asyncio.run(serve(parse_config(TokenizerServiceConfig, argv)))
-
-
-if __name__ == "__main__":
-    main()
+    await serve_until_stopped(await start(config))

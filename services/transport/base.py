@@ -18,6 +18,7 @@ descriptor, so the GPU transports (CUDA IPC, NCCL) implement the same two classe
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,17 @@ class Reservation:
     deadline: float  # monotonic time after which an unattached reservation is reclaimed
     received: dict[int, set[int]] = field(default_factory=dict)  # layer -> blocks landed
     next_chunk: int = 0
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when complete, or when it failed
+    error: str | None = None  # why the transfer failed; Attach reports it instead of waiting
+
+    def land(self) -> None:
+        self.settled.set()
+
+    def fail(self, reason: str) -> None:
+        """Corrupt or cut-short transfer: forget what landed so it is never decoded, and wake Attach."""
+        self.reset()
+        self.error = reason
+        self.settled.set()
 
     def record(self, layer: int, block_ids: list[int]) -> None:
         self.received.setdefault(layer, set()).update(block_ids)

@@ -8,7 +8,7 @@ import zlib
 import grpc
 import pytest
 
-from stageserve.common.convert import sampled_token_from_pb, sampling_params_to_pb
+from stageserve.common.convert import sampling_params_to_pb
 from stageserve.common.server import ServerConfig
 from stageserve.decode.service import DecodeServiceConfig
 from stageserve.decode.service import start as start_decode
@@ -186,12 +186,12 @@ def test_unattached_reservation_expires(engines):
     assert run(main())
 
 
-def test_attach_before_kv_lands_is_refused(engines):
+def test_attach_waits_for_kv_then_times_out_if_it_never_lands(engines):
     prefill_engine, decode_engine, _ = engines
 
     async def main():
         async with Split() as split:
-            await split.start(prefill_engine, decode_engine)
+            await split.start(prefill_engine, decode_engine, kv_wait_timeout_s=0.3)
             reserved = await split.decode.Reserve(decode_pb2.ReserveRequest(request_id="early", num_tokens=5))
             call = split.decode.Attach(decode_pb2.AttachRequest(
                 request_id="early", reservation_id=reserved.descriptor.reservation_id,
@@ -204,5 +204,36 @@ def test_attach_before_kv_lands_is_refused(engines):
             return err.value.code(), await split.free_blocks()
 
     code, free = run(main())
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert free == (128, 128)
+
+
+def test_attach_fails_fast_after_a_corrupt_transfer(engines):
+    prefill_engine, decode_engine, _ = engines
+
+    async def main():
+        async with Split() as split:
+            await split.start(prefill_engine, decode_engine, kv_wait_timeout_s=30)
+            reserved = await split.decode.Reserve(decode_pb2.ReserveRequest(request_id="bad", num_tokens=5))
+            d = reserved.descriptor
+            attach = split.decode.Attach(decode_pb2.AttachRequest(
+                request_id="bad", reservation_id=d.reservation_id,
+                first_token=common_pb2.SampledToken(token_id=1), prompt_token_ids=[1, 2, 3, 4, 5],
+            ))
+            waiter = asyncio.ensure_future(attach.read())
+            await asyncio.sleep(0.1)  # Attach is now waiting for the KV
+            chunk = common_pb2.KVChunk(reservation_id=d.reservation_id, layer_index=0, block_ids=d.block_ids,
+                                       dtype=common_pb2.DTYPE_BFLOAT16, chunk_index=0)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await split.decode.PushKV(iter([chunk]))
+            start = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await waiter
+            elapsed = asyncio.get_running_loop().time() - start
+            await split.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id="bad"))
+            return err.value, elapsed, await split.free_blocks()
+
+    err, elapsed, free = run(main())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "KV transfer failed" in err.details()
+    assert elapsed < 5
     assert free == (128, 128)
