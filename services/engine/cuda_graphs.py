@@ -37,11 +37,13 @@ class CudaGraphRunner:
         self.max_batch, self.max_blocks = max_batch, max_blocks_per_seq
         self.max_model_len = max_model_len
         device = kv_caches[0].device
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        # input_ids, positions, slot_mapping and seq_lens as rows of one buffer, so a step needs one copy.
+        self._vectors = torch.zeros(4, max_batch, dtype=torch.int64, device=device)
+        self._vectors[2].fill_(-1)
+        self._vectors[3].fill_(1)
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self._vectors.unbind(0)
+        self._stage = torch.zeros(4, max_batch, dtype=torch.int64).pin_memory()
         self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(max_batch, dtype=torch.int64, device=device)
         self.buckets = graph_buckets(max_batch)
         self.captured: dict[int, _Captured] = {}
 
@@ -82,15 +84,18 @@ class CudaGraphRunner:
 
     def run(self, input_ids, positions, slot_mapping, block_tables, seq_lens) -> torch.Tensor:
         """Host tensors of one decode step in; the step's logits [num_seqs, vocab] out (a view, valid until
-        the next replay)."""
-        n = input_ids.shape[0]
+        the next replay).
+
+        The four per-sequence vectors travel in one pinned staging buffer and one copy; padding rows get
+        slot -1 (no KV write) and length 1. Reusing the staging buffer is safe because every step ends
+        with the host reading its sampled ids, after which this copy has long run.
+        """
+        n, width = input_ids.shape[0], block_tables.shape[1]
         bucket = next(b for b in self.buckets if b >= n)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
-        self.slot_mapping[n:bucket].fill_(-1)
-        self.block_tables[:n, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
-        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
-        self.seq_lens[n:bucket].fill_(1)
+        stage = self._stage[:, :bucket]  # [4, bucket] pinned int64
+        stage[0, :n], stage[1, :n], stage[2, :n], stage[3, :n] = input_ids, positions, slot_mapping, seq_lens
+        stage[2, n:], stage[3, n:] = -1, 1
+        self._vectors[:, :bucket].copy_(stage, non_blocking=True)
+        self.block_tables[:n, :width].copy_(block_tables, non_blocking=True)
         self.captured[bucket].graph.replay()
         return self.captured[bucket].logits[:n]

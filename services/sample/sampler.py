@@ -232,6 +232,8 @@ class Sampler:
         if not rows:
             empty = torch.empty(0, device=logits.device)
             return SamplerOutput(empty.long(), empty.float(), None, None)
+        if all(_is_plain_greedy(r) for r in rows):  # the common decode case: no table, no copy, one argmax
+            return _with_logprobs(logits, logits.argmax(-1), rows)
         params = BatchParams.build(rows, logits.shape[1], logits.device)
         work = logits.to(torch.float32, copy=True)  # [batch, vocab]; the raw logits stay intact for logprobs
         apply_penalties(work, rows, params)
@@ -281,6 +283,18 @@ class Sampler:
             self._own_generators[device] = torch.Generator(device=device)
             self._own_generators[device].seed()  # nondeterministic, like torch's default generator
         return self._own_generators[device]
+
+
+def _is_plain_greedy(row: SamplingRow) -> bool:
+    """Greedy with nothing that changes the logits first: argmax of the raw logits is the answer."""
+    p = row.params
+    return (
+        p.is_greedy
+        and p.repetition_penalty == 1.0
+        and not p.frequency_penalty
+        and not p.presence_penalty
+        and len(row.output_token_ids) >= p.min_tokens
+    )
 
 
 def _canonical(device: torch.device) -> torch.device:
