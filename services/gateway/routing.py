@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,15 +71,65 @@ def most_kv_headroom(worker: Worker) -> tuple:
 Probe = Callable[[Worker, float], Awaitable[None]]
 
 
-class WorkerPool:
-    """The workers of one role, the policy that picks among them, and their rotation state."""
+DNS_PREFIX = "dns+"  # `dns+decode:50051`: one worker per address the name resolves to, re-resolved each poll
 
-    def __init__(self, role: str, workers: Iterable[Worker], key: Callable[[Worker], tuple], probe: Probe):
+
+async def resolve_addresses(address: str) -> list[str]:
+    """`dns+HOST:PORT` -> every `IP:PORT` HOST resolves to now (sorted); any other address -> itself."""
+    if not address.startswith(DNS_PREFIX):
+        return [address]
+    host, _, port = address[len(DNS_PREFIX) :].rpartition(":")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot resolve %s: %s", address, exc)
+        return []
+    ips = {info[4][0] for info in infos}
+    return sorted(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips)
+
+
+class WorkerPool:
+    """The workers of one role, the policy that picks among them, and their rotation state.
+
+    Workers come from configured addresses. A `dns+HOST:PORT` address stands for every replica behind
+    a name (a headless Kubernetes Service, a scaled compose service): `refresh()` re-resolves it,
+    adds new replicas, and drops vanished ones once nothing is in flight on them.
+    """
+
+    def __init__(
+        self,
+        role: str,
+        workers: Iterable[Worker],
+        key: Callable[[Worker], tuple],
+        probe: Probe,
+        sources: Iterable[str] = (),
+        make_worker: Callable[[str], Worker] | None = None,
+    ):
         self.role = role
         self.workers = list(workers)
         self._key = key
         self._probe = probe
         self._turn = 0  # round-robin among equally loaded workers
+        self.sources = list(sources)
+        self._make_worker = make_worker
+
+    async def refresh(self) -> None:
+        """Bring the worker list in line with what the configured addresses resolve to now."""
+        if not any(a.startswith(DNS_PREFIX) for a in self.sources) or self._make_worker is None:
+            return
+        wanted: list[str] = []
+        for source in self.sources:
+            wanted += await resolve_addresses(source)
+        wanted = list(dict.fromkeys(wanted))
+        known = {w.address: w for w in self.workers}
+        kept = [w for w in self.workers if w.address in wanted or w.in_flight > 0]
+        added = [self._make_worker(a) for a in wanted if a not in known]
+        for worker in added:
+            logger.info("%s replica %s joined", self.role, worker.address)
+        for worker in self.workers:
+            if worker.address not in wanted:
+                self.mark_down(worker, "no longer resolved")
+        self.workers = kept + added
 
     def choose(self, exclude: Iterable[Worker] = ()) -> Worker:
         """The best worker in rotation and not in `exclude`; UnavailableError at once if there is none."""
@@ -192,23 +243,19 @@ class Router:
                 channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             return channels[address]
 
-        def workers(addresses: Iterable[str], stub_class: type) -> list[Worker]:
-            # A repeated address is one worker.
-            return [Worker(a, stub_class(channel(a)), channel(a)) for a in dict.fromkeys(addresses)]
+        def pool(role: str, addresses: Iterable[str], stub_class: type, key, probe: Probe) -> WorkerPool:
+            def make(address: str) -> Worker:
+                return Worker(address, stub_class(channel(address)), channel(address))
+
+            addresses = list(dict.fromkeys(addresses))  # a repeated address is one worker
+            static = [make(a) for a in addresses if not a.startswith(DNS_PREFIX)]  # dns+ ones fill in on refresh
+            return WorkerPool(role, static, key, probe, sources=addresses, make_worker=make)
 
         return cls(
-            tokenizers=WorkerPool(
-                "tokenizer",
-                workers(tokenizer_addresses, tokenizer_pb2_grpc.TokenizerStub),
-                least_in_flight,
-                health_probe("stageserve.v1.Tokenizer"),
-            ),
-            prefills=WorkerPool(
-                "prefill", workers(prefill_addresses, prefill_pb2_grpc.PrefillStub), least_in_flight, probe_prefill
-            ),
-            decodes=WorkerPool(
-                "decode", workers(decode_addresses, decode_pb2_grpc.DecodeStub), most_kv_headroom, probe_decode
-            ),
+            tokenizers=pool("tokenizer", tokenizer_addresses, tokenizer_pb2_grpc.TokenizerStub, least_in_flight,
+                            health_probe("stageserve.v1.Tokenizer")),
+            prefills=pool("prefill", prefill_addresses, prefill_pb2_grpc.PrefillStub, least_in_flight, probe_prefill),
+            decodes=pool("decode", decode_addresses, decode_pb2_grpc.DecodeStub, most_kv_headroom, probe_decode),
             channels=channels,
             poll_interval_s=poll_interval_s,
             probe_timeout_s=probe_timeout_s,
@@ -219,6 +266,7 @@ class Router:
         return (self.tokenizers, self.prefills, self.decodes)
 
     async def poll_once(self) -> None:
+        await asyncio.gather(*(pool.refresh() for pool in self.pools))
         await asyncio.gather(*(pool.probe_all(self.probe_timeout_s) for pool in self.pools))
 
     async def start(self) -> None:

@@ -237,9 +237,7 @@ def test_compose_gpu_profile_reserves_gpus_for_prefill_and_decode(compose):
 
 
 def test_compose_gateway_reaches_every_engine_replica_by_name(compose):
-    """Compose names replicas <project>-<service>-<n>; the gateway lists those names (see the file's header)."""
-    project = compose.get("name")
-    assert project == "stageserve"
+    """The gateway reaches every engine service through a `dns+NAME:PORT` address (one worker per replica)."""
     services = stageserve_services(compose)
     [(_, gateway_cmd, gateway)] = [(n, c, s) for n, (r, c, s) in services.items() if r == "gateway"]
     assert any(str(p).endswith(f":{GRPC_PORT}") for p in gateway.get("ports", ())), "gateway port not published"
@@ -250,14 +248,12 @@ def test_compose_gateway_reaches_every_engine_replica_by_name(compose):
         role_services = {n for n, (r, _, _) in services.items() if r == role}
         reached = set()
         for address in addresses:
-            host, port = split_address(address)
+            if role in ("prefill", "decode"):
+                assert address.startswith("dns+"), f"{flag} {address}: scaled replicas need a dns+ address"
+            host, port = split_address(address.removeprefix("dns+"))
             assert port == GRPC_PORT, address
-            if host in role_services:
-                reached.add(host)
-                continue
-            match = re.fullmatch(rf"{project}-(.+)-(\d+)", host)
-            assert match and match.group(1) in role_services, f"{flag} {address}: no {role} service of that name"
-            reached.add(match.group(1))
+            assert host in role_services, f"{flag} {address}: no {role} service of that name"
+            reached.add(host)
         assert reached == role_services, f"{flag} misses {sorted(role_services - reached)}"
 
 
@@ -507,7 +503,7 @@ def test_k8s_gateway_addresses_name_services_of_the_right_role(k8s_objects):
         addresses = flag_values(args, flag)
         assert addresses, flag
         for address in addresses:
-            host, port = split_address(address)
+            host, port = split_address(address.removeprefix("dns+"))
             service = find(k8s_objects, "Service", host.split(".")[0])
             assert service and service["spec"]["selector"]["app.kubernetes.io/component"] == role, address
             assert port == GRPC_PORT, address
