@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--local", action="store_true", help="run the engine in this process")
     gen.add_argument("--target", default=None, metavar="HOST:PORT", help="send the prompt to this gateway instead")
     gen.add_argument("--timeout", type=float, default=None, help="with --target: the request's deadline in seconds")
+    gen.add_argument(
+        "--traceparent", default=None, metavar="00-TRACEID-SPANID-01",
+        help="with --target: a W3C traceparent; the gateway continues that trace",
+    )  # fmt: skip
     gen.add_argument("--model", default=None, help="default (SmolLM2-135M-Instruct), dummy:<shape>, a .gguf file or an HF dir")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")

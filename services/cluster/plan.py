@@ -44,6 +44,14 @@ class ClusterConfig:
     grace_s: float = field(
         default=10.0, metadata={"help": "seconds services get to drain on shutdown before they are killed", "min": 0.0}
     )
+    trace: str | None = field(
+        default=None,
+        metadata={"help": "OTLP/gRPC endpoint (e.g. http://localhost:4317) every service sends its spans to; "
+                  "sets OTEL_EXPORTER_OTLP_ENDPOINT and OTEL_SERVICE_NAME in each one's environment"},
+    )  # fmt: skip
+    metrics: bool = field(
+        default=False, metadata={"help": "serve Prometheus /metrics from every service, each on a free port"}
+    )
 
 
 ConfigFields = Callable[[str], frozenset[str]]
@@ -70,7 +78,14 @@ def plan_services(
     role_values = role_values or {}
 
     def spec(role: str, index: int, **kwargs: Any) -> ServiceSpec:
-        return ServiceSpec(f"{role}-{index}", role, config_values=role_values.get(role, {}), **kwargs)
+        name = f"{role}-{index}"
+        env = {}
+        if config.trace:  # service.name is the role; the replica is the instance
+            env = {"OTEL_EXPORTER_OTLP_ENDPOINT": config.trace, "OTEL_SERVICE_NAME": role,
+                   "OTEL_RESOURCE_ATTRIBUTES": f"service.instance.id={name}"}  # fmt: skip
+        return ServiceSpec(
+            name, role, config_values=role_values.get(role, {}), env=env, metrics=config.metrics, **kwargs
+        )
 
     specs = [spec("tokenizer", 0, args=_model_args("tokenizer", config.model))]
     if config.sampler == "remote":

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stageserve.common import tracing
 from stageserve.common.config import add_dataclass_args, dataclass_from_args, load_config_file
 from stageserve.common.errors import StageServeError
 from stageserve.common.roles import Role, get_role
@@ -82,6 +83,14 @@ def serve_role(role_name: str, argv: Sequence[str]) -> int:
 
 
 async def _serve_until_signal(role: Role, config: Any) -> int:
+    traces = tracing.configure(role.name)  # a no-op unless OTEL_EXPORTER_OTLP_ENDPOINT is set
+    try:
+        return await _serve(role, config)
+    finally:
+        traces.shutdown()  # flush the spans still queued
+
+
+async def _serve(role: Role, config: Any) -> int:
     loop = asyncio.get_running_loop()
     task = asyncio.create_task(role.serve_function()(config), name=f"serve-{role.name}")
     signals: list[int] = []

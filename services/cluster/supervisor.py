@@ -73,6 +73,8 @@ class ServiceSpec:
     # (flag, names of services) pairs: e.g. ("--tokenizer-addresses", ("tokenizer-0",)) gives the service
     # those services' addresses, and launches it only once they are ready.
     address_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # added to the process's environment (e.g. OTEL_*)
+    metrics: bool = False  # serve Prometheus metrics on a port the supervisor picks (`metrics_address`)
 
     @property
     def depends_on(self) -> tuple[str, ...]:
@@ -86,6 +88,7 @@ class _Service:
     spec: ServiceSpec
     readiness_name: str
     port: int = 0
+    metrics_port: int = 0  # 0: none
     process: subprocess.Popen | None = None
     reader: threading.Thread | None = None
     lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
@@ -208,6 +211,14 @@ class Cluster:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{service.port}"
 
+    def metrics_address(self, name: str) -> str:
+        """host:port of `name`'s Prometheus endpoint (its spec asked for `metrics`)."""
+        service = self._service(name)
+        if not service.metrics_port:
+            raise ClusterError(f"{name} serves no metrics")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{service.metrics_port}"
+
     def pid(self, name: str) -> int | None:
         process = self._service(name).process
         return process.pid if process is not None else None
@@ -316,7 +327,7 @@ class Cluster:
             raise ClusterError(f"no service named {name!r} in this cluster") from None
 
     def _taken_ports(self) -> set[int]:
-        return {s.port for s in self._services.values() if s.port}
+        return {p for s in self._services.values() for p in (s.port, s.metrics_port) if p}
 
     def _launch(self, service: _Service) -> None:
         spec = service.spec
@@ -326,6 +337,11 @@ class Cluster:
             service.port = spec.port
         else:
             service.port = pick_free_port(self.host, self._taken_ports())
+        metrics_flags: list[str] = []
+        if spec.metrics:
+            service.metrics_port = 0
+            service.metrics_port = pick_free_port(self.host, self._taken_ports())
+            metrics_flags = ["--server-metrics-port", str(service.metrics_port)]
         service.attempts += 1
         service.ready = False
         service.bind_failed = False
@@ -336,6 +352,7 @@ class Cluster:
             "--parent-pid", str(os.getpid()),
             *self._config_args(spec),
             *role_flags(spec, self.host, service.port, self.address),
+            *metrics_flags,
         ]  # fmt: skip
         service.process = subprocess.Popen(
             command,
@@ -343,7 +360,7 @@ class Cluster:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() signals the group, and Ctrl-C reaches only us
-            env=self._env,
+            env={**self._env, **spec.env},
         )
         service.reader = threading.Thread(
             target=self._pump, args=(service, service.process), name=f"log-{spec.name}", daemon=True

@@ -28,7 +28,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from stageserve.common.errors import InvalidArgumentError
+from stageserve.common import tracing
 from stageserve.common.interceptors import ErrorInterceptor
+from stageserve.common.metrics import Metrics, serve_metrics
 
 MIB = 1024 * 1024
 
@@ -52,6 +54,10 @@ class ServerConfig:
     grace_s: float = field(
         default=5.0, metadata={"help": "seconds in-flight RPCs get to finish on shutdown", "min": 0.0}
     )
+    metrics_port: int = field(
+        default=0,
+        metadata={"help": "port of the Prometheus /metrics endpoint (on `host`); 0 disables it", "min": 0, "max": 65535},
+    )
 
 
 @dataclass
@@ -64,6 +70,7 @@ class ServerHandle:
     service_names: tuple[str, ...]  # full names of the application services (the readiness names)
     grace_s: float = 5.0
     address: str = ""  # host:port that clients dial
+    stop_metrics: Callable[[], None] = lambda: None  # stops the /metrics HTTP server, if one runs
 
     async def set_ready(self, ready: bool) -> None:
         """Report every application service SERVING (ready) or NOT_SERVING under its readiness name."""
@@ -75,6 +82,7 @@ class ServerHandle:
         """Fail health checks, then stop; in-flight RPCs get `grace` seconds (default: the config's)."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.grace_s if grace is None else grace)
+        self.stop_metrics()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or `timeout` passes); True if it stopped.
@@ -124,16 +132,20 @@ async def create_server(
     config: ServerConfig,
     servicers: Sequence[Any],
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    metrics: Metrics | None = None,
 ) -> ServerHandle:
     """Build, bind and start a server for `servicers` (instances of generated `*Servicer` subclasses).
 
-    The error interceptor runs outermost, before `interceptors`. Liveness ("") is SERVING at once;
-    every service's readiness stays NOT_SERVING until `handle.set_ready(True)`.
+    The error interceptor runs outermost, then (once `tracing.configure` installed a provider) the
+    tracing interceptor, then `interceptors`. Liveness ("") is SERVING at once; every service's
+    readiness stays NOT_SERVING until `handle.set_ready(True)`. With `config.metrics_port`, `metrics`
+    is served over HTTP until the handle stops.
     """
     if not servicers:
         raise InvalidArgumentError("servicers", "at least one servicer is required")
+    traced = [tracing.TracingInterceptor()] if tracing.enabled() else []
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *interceptors],
+        interceptors=[ErrorInterceptor(), *traced, *interceptors],
         options=_options(config),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -152,6 +164,11 @@ async def create_server(
     except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
         raise InvalidArgumentError("port", f"cannot listen on {address}: {exc}") from exc
     await server.start()
+    try:
+        stop_metrics = serve_metrics(metrics or Metrics(), config.host, config.metrics_port)
+    except OSError as exc:
+        await server.stop(0)
+        raise InvalidArgumentError("metrics_port", f"cannot serve metrics on {config.metrics_port}: {exc}") from exc
     return ServerHandle(
         server=server,
         port=port,
@@ -159,6 +176,7 @@ async def create_server(
         service_names=names,
         grace_s=config.grace_s,
         address=f"{host}:{port}",
+        stop_metrics=stop_metrics,
     )
 
 

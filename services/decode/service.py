@@ -24,6 +24,8 @@ from stageserve.common.convert import (
     sampled_token_to_pb,
     sampling_params_from_pb,
 )
+from stageserve.common import tracing
+from stageserve.common.metrics import Metrics
 from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
 from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError, NotFoundError
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
@@ -58,8 +60,12 @@ def tokens_pb(outputs: list[RequestOutput]) -> list:
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, worker: EngineWorker, reservation_ttl_s: float, kv_wait_timeout_s: float = 30.0):
+    def __init__(
+        self, worker: EngineWorker, reservation_ttl_s: float, kv_wait_timeout_s: float = 30.0,
+        metrics: Metrics | None = None,
+    ):
         self.worker, self.engine = worker, worker.engine
+        self.metrics = metrics or Metrics()
         self.kv_wait_timeout_s = kv_wait_timeout_s
         self.layout = kv_layout(self.engine)
         self.ttl_s = reservation_ttl_s
@@ -111,6 +117,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.PushKVResponse(reservation_id=rid, num_chunks=num_chunks, num_bytes=num_bytes)
 
     async def Attach(self, request, context):
+        """One span per sequence (the server span the tracing interceptor opens), with its events."""
+        span, start = tracing.current_span(), time.monotonic()
+        span.set_attribute("stageserve.request_id", request.request_id)
         reservation = self._reservation(request.reservation_id, "reservation_id")
         if reservation.request_id != request.request_id:
             raise InvalidArgumentError("request_id", "does not own this reservation")
@@ -121,6 +130,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 raise DeadlineExceededError(f"reservation_id: KV did not arrive within {self.kv_wait_timeout_s} s") from None
             if not reservation.complete:
                 raise InvalidArgumentError("reservation_id", f"KV transfer failed: {reservation.error}")
+        span.add_event("kv_ready")
         check_token_ids(request.prompt_token_ids, self.engine.model_config.vocab_size, "prompt_token_ids")
         first = sampled_token_from_pb(request.first_token)
         prompt, cached = list(request.prompt_token_ids), request.num_cached_tokens
@@ -134,7 +144,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         async for batch in self.worker.stream(request.request_id, attach):
             finished = batch[-1].finished
             tokens = tokens_pb(batch)
+            if count == 1 and tokens:
+                span.add_event("first_token")
             count += len(tokens)
+            if finished:
+                span.add_event("finish", {"stageserve.num_output_tokens": count})
+                span.set_attribute("gen_ai.usage.output_tokens", count)
+                self.metrics.decode_time.observe(time.monotonic() - start)
             yield decode_pb2.TokenEvent(
                 tokens=tokens, num_output_tokens=count,
                 finish_reason=finish_reason_to_pb(batch[-1].finish_reason if finished else None),
@@ -176,8 +192,11 @@ async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None)
         from stageserve.sample.remote import RemoteSampler
 
         worker.engine.runner.sampler = RemoteSampler(config.sample_address)
-    servicer = DecodeServicer(worker, config.reservation_ttl_s, config.kv_wait_timeout_s)
-    handle = await create_server(config.server, [servicer])
+    metrics = Metrics()
+    metrics.watch_engine(worker.engine.stats)
+    metrics.watch_gpu()
+    servicer = DecodeServicer(worker, config.reservation_ttl_s, config.kv_wait_timeout_s, metrics)
+    handle = await create_server(config.server, [servicer], metrics=metrics)
     servicer.address = config.advertise_address or handle.address
     servicer.reaper = asyncio.create_task(servicer.reap_expired())
     await handle.set_ready(True)

@@ -134,11 +134,13 @@ class GatewayClient:
         await self._channel.close()
 
     async def generate(
-        self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
+        self, prompt: str | None = None, *, timeout_s: float | None = None, traceparent: str | None = None, **kwargs
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """Stream a generation (arguments as `build_request`). Closing the iterator before the end
-        (`aclose()`, or `contextlib.aclosing`) cancels the request."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s)
+        (`aclose()`, or `contextlib.aclosing`) cancels the request. A W3C `traceparent` continues that trace."""
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s, metadata=_trace_metadata(traceparent)
+        )
         try:
             async for message in call:
                 yield message
@@ -146,10 +148,12 @@ class GatewayClient:
             call.cancel()  # no-op once the stream has ended
 
     async def complete(
-        self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
+        self, prompt: str | None = None, *, timeout_s: float | None = None, traceparent: str | None = None, **kwargs
     ) -> gateway_pb2.CompleteResponse:
         """A whole generation in one reply (arguments as `build_request`)."""
-        return await self._stub.Complete(build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s)
+        return await self._stub.Complete(
+            build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s, metadata=_trace_metadata(traceparent)
+        )
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[gateway_pb2.ModelInfo]:
         reply = await self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=timeout_s or self.timeout_s)
@@ -158,3 +162,13 @@ class GatewayClient:
     async def wait_ready(self, timeout_s: float) -> None:
         """Wait until the channel connects (raises TimeoutError after `timeout_s`)."""
         await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+
+
+def _trace_metadata(traceparent: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying a W3C traceparent ("00-<trace id>-<span id>-<flags>"), checked loosely."""
+    if not traceparent:
+        return None
+    parts = traceparent.strip().split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        raise ValueError(f"traceparent {traceparent!r} is not 00-<32 hex>-<16 hex>-<2 hex>")
+    return (("traceparent", traceparent.strip()),)

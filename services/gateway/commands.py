@@ -30,6 +30,8 @@ def run_generate(args: argparse.Namespace, params: SamplingParams) -> int:
 async def _generate(args: argparse.Namespace, params: SamplingParams) -> int:
     inputs = {"chat": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
     options = {"params": params, "model": args.model or "", "timeout_s": args.timeout}
+    if getattr(args, "traceparent", None):
+        options["traceparent"] = args.traceparent
     async with GatewayClient(args.target) as client:
         if args.json:
             reply = await client.complete(**inputs, **options)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from stageserve.common.errors import InvalidArgumentError
+from stageserve.common.metrics import Metrics
 from stageserve.gateway.admission import Admission
 from stageserve.gateway.config import GatewayServiceConfig
 from stageserve.gateway.flow import RequestFlow
@@ -20,9 +21,10 @@ from stageserve.v1 import gateway_pb2
 class Gateway:
     """State shared by every request of one gateway: config, router, admission, the ids in flight."""
 
-    def __init__(self, config: GatewayServiceConfig, router: Router):
+    def __init__(self, config: GatewayServiceConfig, router: Router, metrics: Metrics | None = None):
         self.config = config
         self.router = router
+        self.metrics = metrics or Metrics()
         self.admission = Admission(config.max_running_requests, config.max_queue_requests)
         self.active: set[str] = set()
         self._cleanups: set[asyncio.Task] = set()  # Cancel calls outliving the request that started them

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import grpc.aio
 
+from stageserve.common import tracing
 from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from stageserve.common.interceptors import status_for
 from stageserve.gateway.request import GenerateInput, Timing, Usage
 from stageserve.gateway.routing import DOWN_CODES, Worker, WorkerPool
 from stageserve.gateway.text import TextStream
@@ -63,10 +65,36 @@ class RequestFlow:
         self.release: asyncio.Task | None = None  # the Cancel calls of a normal finish
         self.queue_s = 0.0
         self.ttft_s = 0.0
+        self.last_token_at = 0.0  # when the latest tokens reached us (inter-token latency)
+        self.metrics = gateway.metrics
+        self.span = tracing.current_span()  # the request's root span, once `run` opens it
 
     async def run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        attributes = {
+            "gen_ai.operation.name": "chat" if self.request.kind == "chat" else "text_completion",
+            "gen_ai.request.model": self.config.model,
+            "gen_ai.request.max_tokens": self.request.params.max_tokens,
+            "stageserve.request_id": self.request.request_id,
+        }
+        with tracing.span(f"generate {self.config.model}", attributes) as self.span:
+            try:
+                async for message in self._run():
+                    yield message
+            except BaseException as exc:
+                code = "CANCELLED" if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else None
+                if isinstance(exc, Exception):
+                    code = status_for(exc)[0].name
+                if code is not None:
+                    self.metrics.request_errors.labels(code=code).inc()
+                    tracing.set_error(self.span, code, str(exc))
+                raise
+
+    async def _run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         try:
+            queued_ns = time.time_ns()
             async with self.gw.admission.slot() as self.queue_s:
+                self.metrics.request_queue_time.observe(self.queue_s)
+                tracing.record_span("gateway.queue", queued_ns, time.time_ns())
                 prompt = await self._tokenize()
                 text = TextStream(prompt, self.request.params.stop, self.request.skip_special_tokens, self._detokenize)
                 prefill = self.router.prefills.choose()
@@ -127,9 +155,11 @@ class RequestFlow:
                 pb = tokenizer_pb2.TokenizeRequest(text=request.prompt, add_special_tokens=request.add_special_tokens)
 
             async def tokenize(worker: Worker) -> tokenizer_pb2.TokenizeResponse:
-                return await worker.stub.Tokenize(pb, timeout=self._timeout(self.config.rpc_timeout_s))
+                timeout = self._timeout(self.config.rpc_timeout_s)
+                return await worker.stub.Tokenize(pb, timeout=timeout, metadata=tracing.outgoing_metadata())
 
-            ids = list((await self._call(self.router.tokenizers, tokenize, RETRY_ELSEWHERE)).token_ids)
+            with tracing.span("chat_template+tokenize" if request.kind == "chat" else "tokenize", kind="client"):
+                ids = list((await self._call(self.router.tokenizers, tokenize, RETRY_ELSEWHERE)).token_ids)
             if not ids:
                 raise InvalidArgumentError(request.kind, "tokenizes to no tokens")
         limit = self.config.max_model_len
@@ -145,9 +175,11 @@ class RequestFlow:
         )
 
         async def detokenize(worker: Worker) -> tokenizer_pb2.DetokenizeResponse:
-            return await worker.stub.Detokenize(pb, timeout=self._timeout(self.config.rpc_timeout_s))
+            timeout = self._timeout(self.config.rpc_timeout_s)
+            return await worker.stub.Detokenize(pb, timeout=timeout, metadata=tracing.outgoing_metadata())
 
-        reply = await self._call(self.router.tokenizers, detokenize, RETRY_ELSEWHERE)
+        with tracing.span("detokenize", {"stageserve.num_tokens": len(ids)}, kind="client"):
+            reply = await self._call(self.router.tokenizers, detokenize, RETRY_ELSEWHERE)
         return reply.text, reply.prefix_offset, reply.read_offset
 
     async def _reserve(self, num_tokens: int, peer_id: str) -> common_pb2.KVTransferDescriptor:
@@ -162,14 +194,16 @@ class RequestFlow:
         async def reserve(worker: Worker) -> decode_pb2.ReserveResponse:
             self.decode = worker  # set first: a cancel landing mid-call must still free what it reserved
             try:
-                return await worker.stub.Reserve(pb, timeout=self._timeout(self.config.rpc_timeout_s))
+                timeout = self._timeout(self.config.rpc_timeout_s)
+                return await worker.stub.Reserve(pb, timeout=timeout, metadata=tracing.outgoing_metadata())
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in NOTHING_RESERVED:
                     self.decode = None
                 raise
 
         retry = RETRY_ELSEWHERE | {grpc.StatusCode.RESOURCE_EXHAUSTED}
-        reply = await self._call(self.router.decodes, reserve, retry)
+        with tracing.span("decode.reserve", kind="client"):
+            reply = await self._call(self.router.decodes, reserve, retry)
         self.decode.pending_blocks += len(reply.descriptor.block_ids)
         return reply.descriptor
 
@@ -187,17 +221,25 @@ class RequestFlow:
 
         async def run_prefill(worker: Worker) -> prefill_pb2.PrefillResponse:
             self.prefill = worker
-            return await worker.stub.Prefill(pb, timeout=self._timeout(self.config.rpc_timeout_s))
+            timeout = self._timeout(self.config.rpc_timeout_s)
+            return await worker.stub.Prefill(pb, timeout=timeout, metadata=tracing.outgoing_metadata())
 
         # GPU transports pair the reservation with the peer it named; only "host" may go to another worker.
         retry = RETRY_ELSEWHERE if descriptor.transport in ("", "host") else frozenset()
-        return await self._call(self.router.prefills, run_prefill, retry, first=prefill)
+        with tracing.span("prefill", {"stageserve.kv.transport": descriptor.transport}, kind="client") as s:
+            reply = await self._call(self.router.prefills, run_prefill, retry, first=prefill)
+            s.set_attribute("stageserve.prefill.num_cached_tokens", reply.num_cached_tokens)
+            s.set_attribute("stageserve.prefill.num_computed_tokens", reply.num_computed_tokens)
+        return reply
 
     async def _stream(
         self, prompt: list[int], text: TextStream, prefill: Worker, descriptor: common_pb2.KVTransferDescriptor
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         reply = await self._prefill(prompt, prefill, descriptor)
-        self.ttft_s = time.monotonic() - self.arrival
+        self.last_token_at = time.monotonic()
+        self.ttft_s = self.last_token_at - self.arrival
+        self.metrics.time_to_first_token.observe(self.ttft_s)
+        self.span.set_attribute("gen_ai.usage.input_tokens", len(prompt))
         usage = Usage(len(prompt), completion_tokens=0, cached_tokens=reply.num_cached_tokens)
         message = await self._message([reply.first_token], reply.finish_reason, text, usage)
         message.prompt_token_ids.extend(prompt)
@@ -205,7 +247,18 @@ class RequestFlow:
             yield self._finish(message)
             return
         yield message
+        with tracing.span("decode", {"stageserve.decode.address": self.decode.address}, kind="client"):
+            async for message in self._decode(prompt, text, descriptor, reply, usage):
+                yield message
 
+    async def _decode(
+        self,
+        prompt: list[int],
+        text: TextStream,
+        descriptor: common_pb2.KVTransferDescriptor,
+        reply: prefill_pb2.PrefillResponse,
+        usage: Usage,
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         decode = self.decode
         self.attach = decode.stub.Attach(
             decode_pb2.AttachRequest(
@@ -217,9 +270,11 @@ class RequestFlow:
                 num_cached_tokens=reply.num_cached_tokens,
             ),
             timeout=None if self.deadline is None else self._timeout(float("inf")),
+            metadata=tracing.outgoing_metadata(),
         )
         while True:
             event = await self._next_event(decode)
+            self._observe_tokens(len(event.tokens))
             message = await self._message(event.tokens, event.finish_reason, text, usage)
             if message.finish_reason != UNSPECIFIED:
                 yield self._finish(message)
@@ -263,6 +318,13 @@ class RequestFlow:
             message.usage.CopyFrom(usage.to_pb())
         return message
 
+    def _observe_tokens(self, count: int) -> None:
+        """Inter-token latency: the wait for this event, spread over the tokens it carries."""
+        now = time.monotonic()
+        for _ in range(count):
+            self.metrics.inter_token_latency.observe((now - self.last_token_at) / count)
+        self.last_token_at = now
+
     def _finish(self, message: gateway_pb2.GenerateResponse) -> gateway_pb2.GenerateResponse:
         """Complete the last message. Decode still holds the request if it finished on the first token (the
         reservation) or on a stop string found here (the running sequence): start freeing it."""
@@ -271,6 +333,14 @@ class RequestFlow:
         self.done = True
         timing = Timing(self.ttft_s, time.monotonic() - self.arrival, self.queue_s)
         message.timing.CopyFrom(timing.to_pb())
+        reason = common_pb2.FinishReason.Name(message.finish_reason).removeprefix("FINISH_REASON_").lower()
+        self.metrics.e2e_request_latency.observe(timing.e2e_s)
+        self.metrics.request_success.labels(finish_reason=reason).inc()
+        self.span.set_attributes({
+            "gen_ai.usage.output_tokens": message.usage.completion_tokens,
+            "gen_ai.response.finish_reasons": (reason,),
+            "stageserve.usage.cached_tokens": message.usage.cached_tokens,
+        })
         return message
 
     async def _abort(self) -> None:
@@ -287,10 +357,10 @@ class RequestFlow:
         request_id, timeout = self.request.request_id, self.config.cancel_timeout_s
         if self.decode is not None:
             pb = decode_pb2.DecodeCancelRequest(request_id=request_id)
-            calls.append(self.decode.stub.Cancel(pb, timeout=timeout))
+            calls.append(self.decode.stub.Cancel(pb, timeout=timeout, metadata=tracing.outgoing_metadata()))
         if prefill and self.prefill is not None:
             pb = prefill_pb2.PrefillCancelRequest(request_id=request_id)
-            calls.append(self.prefill.stub.Cancel(pb, timeout=timeout))
+            calls.append(self.prefill.stub.Cancel(pb, timeout=timeout, metadata=tracing.outgoing_metadata()))
         return self.gw.spawn(_settle(request_id, calls)) if calls else None
 
 

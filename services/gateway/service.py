@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc.aio
 
+from stageserve.common.metrics import Metrics
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.gateway.config import GatewayServiceConfig
 from stageserve.gateway.core import Gateway
@@ -79,9 +80,9 @@ async def start(config: GatewayServiceConfig) -> GatewayHandle:
         poll_interval_s=config.stats_poll_interval_s,
         probe_timeout_s=config.probe_timeout_s,
     )
-    gateway = Gateway(config, router)
+    gateway = Gateway(config, router, Metrics())
     try:
-        server = await create_server(config.server, [GatewayServicer(gateway)])
+        server = await create_server(config.server, [GatewayServicer(gateway)], metrics=gateway.metrics)
     except BaseException:
         await router.close()
         raise

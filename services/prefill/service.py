@@ -25,6 +25,8 @@ from stageserve.common.convert import (
     sampled_token_to_pb,
     sampling_params_from_pb,
 )
+from stageserve.common import tracing
+from stageserve.common.metrics import Metrics
 from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
@@ -82,8 +84,12 @@ def first_token(out: RequestOutput) -> SampledToken:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, worker: EngineWorker, sender: KVSender, kv_timeout_s: float, background: bool = True):
+    def __init__(
+        self, worker: EngineWorker, sender: KVSender, kv_timeout_s: float, background: bool = True,
+        metrics: Metrics | None = None,
+    ):
         self.worker, self.sender, self.kv_timeout_s = worker, sender, kv_timeout_s
+        self.metrics = metrics or Metrics()
         self.background = background
         self.transfers: dict[str, asyncio.Task] = {}  # request id -> KV push still under way
         self.engine = worker.engine
@@ -95,8 +101,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         start = time.monotonic()
         out = None
         add = lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, req.cache_salt, prefill_only=True)
-        async for batch in self.worker.stream(req.request_id, add):
-            out = batch[-1]
+        attributes = {"stageserve.request_id": req.request_id, "stageserve.prefill.num_prompt_tokens": len(req.prompt_token_ids)}
+        with tracing.span("prefill.compute", attributes) as s:
+            async for batch in self.worker.stream(req.request_id, add):
+                out = batch[-1]
+            s.set_attribute("stageserve.prefill.num_cached_tokens", out.num_cached_tokens)
+            s.set_attribute("stageserve.prefill.num_computed_tokens", len(req.prompt_token_ids) - out.num_cached_tokens)
+        self.metrics.prefill_time.observe(time.monotonic() - start)
+        self.metrics.prefix_cache_queries.inc(len(req.prompt_token_ids))
+        self.metrics.prefix_cache_hits.inc(out.num_cached_tokens)
         if out.finish_reason is None and req.descriptor is not None:
             transfer = self._transfer(req)
             if self.background:
@@ -134,7 +147,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         """
         try:
             src = await self.worker.call(lambda e: e.held_block_ids(req.request_id))
-            stats = await self.sender.send(req.descriptor, src, self._read_layer, self.kv_timeout_s)
+            with tracing.span("kv_transfer", {"stageserve.request_id": req.request_id}, kind="client") as s:
+                stats = await self.sender.send(req.descriptor, src, self._read_layer, self.kv_timeout_s)
+                s.set_attributes({
+                    "stageserve.kv.transport": stats.transport, "stageserve.kv.bytes": stats.num_bytes,
+                    "stageserve.kv.blocks": stats.num_blocks, "stageserve.kv.layers": stats.num_layers,
+                    "stageserve.kv.chunks": stats.num_chunks, "stageserve.kv.duration_s": stats.seconds,
+                    "stageserve.kv.checksum": stats.checksum,
+                })  # fmt: skip
+            self.metrics.kv_transfer_time.observe(stats.seconds)
+            self.metrics.kv_transfer_bytes.observe(stats.num_bytes)
             logger.debug("%s: %d KV bytes in %d chunks, %.1f ms", req.request_id, stats.num_bytes, stats.num_chunks, stats.seconds * 1e3)
         except asyncio.CancelledError:
             raise
@@ -164,7 +186,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 async def start(config: PrefillServiceConfig, worker: EngineWorker | None = None) -> tuple[ServerHandle, EngineWorker]:
     worker = worker or await start_worker(config)
     sender = HostKVSender(channel_cache(), max_chunk_bytes=config.kv_chunk_bytes, checksum=config.kv_checksum)
-    handle = await create_server(config.server, [PrefillServicer(worker, sender, config.kv_timeout_s, config.first_token_before_kv)])
+    metrics = Metrics()
+    metrics.watch_engine(worker.engine.stats)
+    metrics.watch_gpu()
+    servicer = PrefillServicer(worker, sender, config.kv_timeout_s, config.first_token_before_kv, metrics)
+    handle = await create_server(config.server, [servicer], metrics=metrics)
     await handle.set_ready(True)
     logger.info("prefill serving on %s", handle.address)
     return handle, worker

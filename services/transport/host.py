@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
+from stageserve.common import tracing
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.transport.base import (
     KVDescriptor,
@@ -56,7 +57,8 @@ class HostKVSender(KVSender):
         stats = TransferStats(self.name, num_blocks=len(src_block_ids), checksum=self.checksum)
         start = time.monotonic()
         stub = decode_pb2_grpc.DecodeStub(self.channel_for(descriptor.address))
-        response = await stub.PushKV(self._chunks(descriptor, src_block_ids, read_layer, stats), timeout=timeout_s)
+        chunks = self._chunks(descriptor, src_block_ids, read_layer, stats)
+        response = await stub.PushKV(chunks, timeout=timeout_s, metadata=tracing.outgoing_metadata())
         stats.seconds = time.monotonic() - start
         stats.num_layers = descriptor.layout.num_layers
         if response.num_bytes != stats.num_bytes:
