@@ -76,10 +76,14 @@ async def in_process(requests, concurrencies: list[int]) -> list[tuple[list[Requ
     return runs
 
 
-async def split(requests, concurrencies: list[int], worker_threads: int) -> list[tuple[list[RequestResult], float]]:
+async def split(
+    requests, concurrencies: list[int], worker_threads: int, trace: str | None = None
+) -> list[tuple[list[RequestResult], float]]:
+    """The same workload through `stageserve up`'s processes; `trace` exports every span to that OTLP endpoint."""
     engine_table = {"engine": dict(ENGINE)}
-    specs = plan_services(ClusterConfig(gateway_port=0), {"prefill": engine_table, "decode": engine_table})
-    cluster = Cluster(specs, output=io.StringIO(), env={**os.environ, "OMP_NUM_THREADS": str(worker_threads)})
+    specs = plan_services(ClusterConfig(gateway_port=0, trace=trace), {"prefill": engine_table, "decode": engine_table})
+    env = {**os.environ, "OMP_NUM_THREADS": str(worker_threads), "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+    cluster = Cluster(specs, output=io.StringIO(), env=env)
     try:
         cluster.start()
         cluster.wait_ready()

@@ -26,6 +26,10 @@ class WorkerConfig:
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
     step_timeout_s: float = field(default=30.0, metadata={"help": "a step slower than this marks the worker unhealthy", "min": 0.1})
+    trace_steps: bool = field(
+        default=False,
+        metadata={"help": "verbose tracing: a span per engine step, linked to its requests' spans, with remote sample calls under it"},
+    )
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -52,7 +56,7 @@ async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None) ->
     if engine is None:
         engine = await asyncio.to_thread(create_engine, config.model, config.engine)
     await asyncio.to_thread(engine.warmup)
-    worker = EngineWorker(engine, step_timeout_s=config.step_timeout_s)
+    worker = EngineWorker(engine, step_timeout_s=config.step_timeout_s, trace_steps=config.trace_steps)
     worker.start()
     logger.info("engine ready: %s on %s/%s, %d KV blocks", engine.model_config.name, engine.device, engine.dtype, engine.config.num_blocks)
     return worker

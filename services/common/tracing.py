@@ -122,6 +122,38 @@ def current_span() -> Any:
     return _NOOP_SPAN if trace is None else trace.get_current_span()
 
 
+def current_context() -> Any:
+    """The current span's context, to link to from work done later on another thread; None when off."""
+    if trace is None:
+        return None
+    context = trace.get_current_span().get_span_context()
+    return context if context.is_valid else None
+
+
+@contextlib.contextmanager
+def linked_span(name: str, links: Sequence[Any], attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """A new root span linked to `links` (span contexts), for work shared by several requests: one engine
+    step serves a whole batch, so it belongs to no single request's trace."""
+    if trace is None:
+        yield _NOOP_SPAN
+        return
+    span_links = [trace.Link(c) for c in links if c is not None]
+    with _tracer().start_as_current_span(name, context=trace.set_span_in_context(trace.INVALID_SPAN),
+                                         links=span_links, attributes=attributes) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def child_span(name: str, attributes: Mapping[str, Any] | None = None, kind: str = "internal") -> Iterator[Any]:
+    """Like `span`, but only under a recording span: work that runs per step (a remote sample call) is
+    traced when its step is, and never starts a trace of its own."""
+    if trace is None or not trace.get_current_span().is_recording():
+        yield _NOOP_SPAN
+        return
+    with span(name, attributes, kind) as s:
+        yield s
+
+
 def outgoing_metadata(metadata: Sequence[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...] | None:
     """`metadata` plus the current context's `traceparent` (and `tracestate`), for an outgoing call's
     `metadata=`; None when there is nothing to send, which grpc takes as no metadata."""

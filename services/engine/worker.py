@@ -13,6 +13,10 @@ Commands run between steps, never during one, so the engine stays single-threade
 has nothing to do the thread blocks on the command queue instead of spinning. If a step raises, every
 in-flight stream gets the exception and the worker stays up for new requests; `healthy` turns False
 if steps keep failing or a step outlives `step_timeout_s` (the watchdog reads `last_step_started`).
+
+With `trace_steps` (a verbose tracing level) every step is a span of its own, linked to the span of each
+request streaming from it: a step serves a whole batch, so it is a root span with links rather than a
+child of any one request. Work inside the step (a remote sample call) hangs off it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from stageserve.common import tracing
 from stageserve.engine.engine import LLMEngine, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -33,9 +38,11 @@ _IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps on the command queue
 
 
 class EngineWorker:
-    def __init__(self, engine: LLMEngine, step_timeout_s: float = 30.0):
+    def __init__(self, engine: LLMEngine, step_timeout_s: float = 30.0, trace_steps: bool = False):
         self.engine = engine
         self.step_timeout_s = step_timeout_s
+        self.trace_steps = trace_steps
+        self._trace_links: dict[str, Any] = {}  # request id -> its span context, with trace_steps
         self._commands: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], asyncio.Future]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -81,6 +88,8 @@ class EngineWorker:
         """
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = outputs
+        if self.trace_steps:
+            self._trace_links[request_id] = tracing.current_context()
         finished = False
         try:
             first = await self.call(add)
@@ -97,6 +106,7 @@ class EngineWorker:
                 yield batch
         finally:
             self._streams.pop(request_id, None)
+            self._trace_links.pop(request_id, None)
             if not finished:
                 await self.abort_quietly(request_id)
 
@@ -140,7 +150,12 @@ class EngineWorker:
     def _step(self) -> None:
         self.last_step_started = time.monotonic()
         try:
-            outputs = self.engine.step()
+            if self.trace_steps:
+                with tracing.linked_span("engine.step", list(self._trace_links.values())) as span:
+                    outputs = self.engine.step()
+                    span.set_attribute("stageserve.step.num_outputs", len(outputs))
+            else:
+                outputs = self.engine.step()
             self.consecutive_failures = 0
         except Exception as exc:
             logger.exception("engine step failed; failing every in-flight request")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import grpc
 import torch
 
+from stageserve.common import tracing
 from stageserve.common.convert import logits_to_bytes, sampled_token_from_pb, sampling_params_to_pb
 from stageserve.sample.sampler import SampledToken, SamplingRow
 from stageserve.v1 import sample_pb2, sample_pb2_grpc
@@ -46,7 +47,8 @@ class RemoteSampler:
                 for i, row in enumerate(rows)
             ]
         )
-        response = self.stub.Sample(request, timeout=self.timeout_s)
+        with tracing.child_span("sample.remote", {"stageserve.sample.rows": len(rows)}, kind="client"):
+            response = self.stub.Sample(request, timeout=self.timeout_s, metadata=tracing.outgoing_metadata())
         if len(response.tokens) != len(rows):
             raise RuntimeError(f"sample service returned {len(response.tokens)} tokens for {len(rows)} rows")
         return RemoteSamplerOutput([sampled_token_from_pb(t) for t in response.tokens])

@@ -32,6 +32,8 @@ from stageserve.sample.params import SamplingParams  # noqa: E402
 pytestmark = pytest.mark.slow
 
 ENGINE = {"engine": {"num_blocks": 64, "max_num_batched_tokens": 128}}
+# Decode samples through the Sample service and traces each step (the verbose level).
+DECODE = {**ENGINE, "trace_steps": True}
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
@@ -68,8 +70,8 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def cluster(receiver):
-    config = ClusterConfig(gateway_port=0, trace=receiver[1], metrics=True, startup_timeout_s=240)
-    specs = plan_services(config, {"prefill": ENGINE, "decode": ENGINE})
+    config = ClusterConfig(gateway_port=0, trace=receiver[1], metrics=True, sampler="remote", startup_timeout_s=240)
+    specs = plan_services(config, {"prefill": ENGINE, "decode": DECODE})
     env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
     c = Cluster(specs, output=io.StringIO(), startup_timeout_s=240, grace_s=5, env=env)
     c.start()
@@ -137,6 +139,32 @@ def test_one_generation_is_one_trace_rooted_at_the_client_span(cluster, receiver
     assert "first_token" in events and "finish" in events
 
 
+def test_verbose_level_traces_each_decode_step_and_its_remote_sample_call(cluster, receiver):
+    collector, _ = receiver
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    asyncio.run(generate(cluster.address("gateway-0"), "Name a colour:", f"00-{trace_id}-{client_span}-01"))
+    attach = wait_for_spans(collector, bytes.fromhex(trace_id), {"stageserve.v1.Decode/Attach"})
+    attach_id = next(s.span_id for _, s in attach if s.name == "stageserve.v1.Decode/Attach")
+
+    # Each step is a root span of its own trace, linked to the request's Attach span.
+    deadline = time.monotonic() + 15
+    while True:
+        spans = [s for _, s in collector.snapshot()]
+        steps = [s for s in spans if s.name == "engine.step" and any(link.span_id == attach_id for link in s.links)]
+        if len(steps) >= PARAMS.max_tokens - 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(steps) >= PARAMS.max_tokens - 1  # the first token comes from prefill
+    assert all(not s.parent_span_id and s.trace_id != bytes.fromhex(trace_id) for s in steps)
+
+    # Under each step: the remote sample call, and under it the Sample service's server span.
+    step_ids = {s.span_id for s in steps}
+    calls = {s.span_id: s for s in spans if s.name == "sample.remote" and s.parent_span_id in step_ids}
+    served = [s for s in spans if s.name == "stageserve.v1.Sample/Sample" and s.parent_span_id in calls]
+    assert len(calls) == len(steps) and len(served) == len(steps)
+    assert all({a.key for a in c.attributes} >= {"stageserve.sample.rows"} for c in calls.values())
+
+
 def scrape(cluster: Cluster, name: str) -> dict[str, dict[str, float]]:
     """{metric family name: {sample name + labels: value}} from `name`'s /metrics."""
     with urllib.request.urlopen(f"http://{cluster.metrics_address(name)}/metrics", timeout=5) as response:
@@ -169,5 +197,5 @@ def test_every_service_serves_metrics_that_show_the_load(cluster):
     assert count(decode, "stageserve:decode_time_seconds") >= 3
     for families in (prefill, decode):
         assert {"stageserve:num_requests_running", "stageserve:kv_cache_usage_perc"} <= set(families)
-    for name in ("tokenizer-0", "draft-0"):
+    for name in ("tokenizer-0", "draft-0", "sample-0"):
         assert scrape(cluster, name)  # parses
