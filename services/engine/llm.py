@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine, RequestOutput
-from stageserve.engine.loader.weights import load_model
+from stageserve.engine.factory import load_model_and_tokenizer
 from stageserve.sample.params import SamplingParams
 from stageserve.tokenizer.detokenize import (
     detokenize_incrementally,
@@ -24,7 +24,7 @@ from stageserve.tokenizer.detokenize import (
     stop_holdback,
     stop_search_start,
 )
-from stageserve.tokenizer.text_tokenizer import TextTokenizer, load_tokenizer
+from stageserve.tokenizer.text_tokenizer import TextTokenizer
 
 
 @dataclass
@@ -73,10 +73,8 @@ class Completion:
 
 class LLM:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None):
-        loaded = load_model(model)
-        self.tokenizer: TextTokenizer | None = (
-            load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
-        )
+        # On the engine's device and dtype, and only rank 0's slices under tensor parallelism.
+        loaded, self.tokenizer = load_model_and_tokenizer(model, config)
         eos = self.tokenizer.stop_token_ids if self.tokenizer else frozenset()
         self.engine = LLMEngine(loaded, config, eos_token_ids=eos)
         self._ids = itertools.count()
