@@ -23,7 +23,7 @@ from stageserve.common.errors import InvalidArgumentError
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.loader.weights import LoadedModel
 from stageserve.engine.parallel.comm import TPCommunicator, open_store
-from stageserve.engine.parallel.runner import TensorParallelRunner, stop_processes
+from stageserve.engine.parallel.runner import TensorParallelRunner, terminate_processes
 from stageserve.engine.parallel.sharding import ModelShard
 
 logger = logging.getLogger(__name__)
@@ -64,13 +64,11 @@ def start_tensor_parallel(
         if not comm.all_ok(True):
             raise RuntimeError("a tensor-parallel rank failed to load its shard (see its log above)")
     except BaseException:
-        for proc in children:
-            proc.kill()
-        stop_processes(children, 5.0)
+        terminate_processes(children)
         raise
     runner.children = children
     runner.store = store  # the store lives as long as the groups that use it
-    weakref.finalize(runner, stop_processes, children, 5.0)  # e.g. at interpreter exit without close()
+    weakref.finalize(runner, terminate_processes, children)  # e.g. at interpreter exit without close()
     logger.info("tensor parallel: %d ranks on %s", size, ", ".join(map(str, devices)))
     if not shard.is_even:
         heads = [shard.for_rank(r).heads_per_rank for r in range(size)]

@@ -150,14 +150,23 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout_s: float) -> None:
-    """Wait for each to exit, then terminate and finally kill what is left."""
+    """Wait for each to exit (after STOP), then terminate what is left."""
     for proc in procs:
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            pass
+    terminate_processes(procs)
+
+
+def terminate_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each live one, then SIGKILL what is still there after 5 s."""
+    for proc in procs:
+        if proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    for proc in procs:
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
