@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine, RequestOutput
-from stageserve.engine.factory import load_model_and_tokenizer
+from stageserve.engine.loader.weights import load_model
+from stageserve.engine.parallel.launch import leader_rank
+from stageserve.engine.runner import resolve_device
 from stageserve.sample.params import SamplingParams
 from stageserve.tokenizer.detokenize import (
     detokenize_incrementally,
@@ -24,7 +26,7 @@ from stageserve.tokenizer.detokenize import (
     stop_holdback,
     stop_search_start,
 )
-from stageserve.tokenizer.text_tokenizer import TextTokenizer
+from stageserve.tokenizer.text_tokenizer import TextTokenizer, load_tokenizer
 
 
 @dataclass
@@ -73,8 +75,11 @@ class Completion:
 
 class LLM:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None):
-        # On the engine's device and dtype, and only rank 0's slices under tensor parallelism.
-        loaded, self.tokenizer = load_model_and_tokenizer(model, config)
+        config = config or EngineConfig()
+        loaded = load_model(model, tp=leader_rank(config, resolve_device(config.device)))  # under TP: rank 0's slices only
+        self.tokenizer: TextTokenizer | None = (
+            load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
+        )
         eos = self.tokenizer.stop_token_ids if self.tokenizer else frozenset()
         self.engine = LLMEngine(loaded, config, eos_token_ids=eos)
         self._ids = itertools.count()
