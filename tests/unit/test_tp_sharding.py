@@ -187,3 +187,29 @@ def test_vocab_parallel_embedding_and_head_match_the_full_layers():
     for embedded, logits in run_ranks(size, per_rank):
         torch.testing.assert_close(embedded, weight[ids])
         torch.testing.assert_close(logits, hidden_states @ weight.T)
+
+
+def step_batch(slots: list[int], table: list[list[int]]):
+    from stageserve.engine.runner import HostBatch
+
+    n = len(slots)
+    return HostBatch(
+        input_ids=torch.arange(n), positions=torch.arange(n), slots=torch.tensor(slots), block_tables=torch.tensor(table),
+        seq_lens=torch.tensor([n]), query_start_loc=[0, n], seq_lens_host=[n],
+    )  # fmt: skip
+
+
+def test_step_message_round_trips_and_rejects_out_of_range_ids():
+    from stageserve.engine.parallel.protocol import parse_step, step_message
+
+    config = EngineConfig(num_blocks=8, block_size=4)
+    host, rows = parse_step(step_message(step_batch([4, 5, 6], [[1, 0]]), [2]), config)
+    assert host.slots.tolist() == [4, 5, 6] and host.block_tables.tolist() == [[1, 0]] and rows == [2]
+    assert host.query_start_loc == [0, 3] and host.seq_lens_host == [3]
+    for slots, table, sample in [([4, 5, 32], [[1, 0]], [2]), ([4, 5, 6], [[8, 0]], [2]), ([4, 5, 6], [[1, 0]], [3])]:
+        with pytest.raises(InvalidArgumentError, match="out of range"):
+            parse_step(step_message(step_batch(slots, table), sample), config)
+    msg = step_message(step_batch([4, 5, 6], [[1, 0]]), [2])
+    msg.ints = msg.ints[:-1]
+    with pytest.raises(InvalidArgumentError, match="payload length"):
+        parse_step(msg, config)
