@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from stageserve.common.errors import InvalidArgumentError
+from stageserve.common.errors import InvalidArgumentError, ModelLoadError
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.loader.weights import LoadedModel
 from stageserve.engine.parallel.comm import TPCommunicator, open_store
@@ -52,6 +52,8 @@ def start_tensor_parallel(
     rank 0's shard already; the children reload `loaded.source` (a model name or path) themselves."""
     size = config.tensor_parallel_size
     shard = ModelShard(loaded.config, 0, size)
+    if loaded.shard is not None and loaded.shard != shard:
+        raise ModelLoadError(f"weights were loaded as rank {loaded.shard.rank} of {loaded.shard.size}, not rank 0 of {size}")
     devices = rank_devices(device, size)
     store = open_store(0, size)
     children = [_spawn(rank, size, store.port, loaded.source, devices[rank], dtype, config) for rank in range(1, size)]
