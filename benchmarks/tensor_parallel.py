@@ -168,11 +168,11 @@ def weight_bytes(engine: LLMEngine) -> int:
     return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
 
 
-def phase_decode(args, model: str, tps: tuple[int, ...], section: str, concurrency: int = 0) -> None:
+def phase_decode(args, model: str, tps: tuple[int, ...], section: str, concurrency: int = 0, **overrides) -> None:
     copy_bw = copy_bandwidth(args.device)
     rates = {}
     for tp in tps:
-        engine = make_engine(model, tp, args, dtype=args.dtype)
+        engine = make_engine(model, tp, args, dtype=args.dtype, **overrides)
         per_gpu = weight_bytes(engine)  # rank 0's shard: every rank reads as much, at the same time
         rates[tp] = decode_tok_s(engine, 128, args.new_tokens * 4, 1, args.device)
         roofline = copy_bw / per_gpu
@@ -290,7 +290,8 @@ def main() -> None:
         if "allreduce" in phases:
             phase_allreduce(args)
         if "decode70b" in phases:
-            phase_decode(args, "dummy:tiny" if args.smoke else "dummy:llama-3-70b", (args.tp,), "decode70b", concurrency=64)
+            phase_decode(args, "dummy:tiny" if args.smoke else "dummy:llama-3-70b", (args.tp,), "decode70b", concurrency=64,
+                         num_blocks=4096, max_num_batched_tokens=2048)  # 64 x (512 + 64) tokens resident, no preemption
     finally:
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
