@@ -84,11 +84,18 @@ class EngineConfig:
         default=256, metadata={"help": "largest decode batch replayed from a CUDA graph", "min": 1}
     )
     sampler_seed: int = field(default=0, metadata={"help": "seed of the generator for unseeded sampled requests", "min": 0})
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "GPUs (from `device` on) one engine's weights and KV heads are split over; on CPU, gloo ranks (tests)",
+                  "min": 1, "max": 64},
+    )
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(name, "must be >= 1")
+        if not 1 <= self.tensor_parallel_size <= 64:
+            raise InvalidArgumentError("tensor_parallel_size", "must be in [1, 64]")
         if self.max_waiting < 0:
             raise InvalidArgumentError("max_waiting", "must be >= 0")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -15,6 +15,7 @@ from stageserve.common.errors import InvalidArgumentError, NotFoundError, Resour
 from stageserve.engine.config import EngineConfig, ModelConfig
 from stageserve.engine.kv_cache_manager import KVCacheManager, KVPoolStats
 from stageserve.engine.loader.weights import LoadedModel, load_model
+from stageserve.engine.parallel.launch import leader_rank, start_tensor_parallel
 from stageserve.engine.request import Request, RequestStatus
 from stageserve.engine.runner import ModelRunner, resolve_device, resolve_dtype
 from stageserve.engine.scheduler import Scheduler
@@ -66,7 +67,8 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=self.device, dtype=self.dtype)
+        tp = leader_rank(self.config, self.device)  # None unless tensor_parallel_size > 1
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=self.device, dtype=self.dtype, tp=tp)
         self.model_source = loaded.source
         self.model_config: ModelConfig = loaded.config
         self.max_model_len = min(
@@ -75,15 +77,11 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.kv = KVCacheManager(self.config.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv)
-        self.runner = ModelRunner(
-            loaded.config,
-            self.config,
-            loaded.state_dict,
-            device=self.device,
-            dtype=self.dtype,
-            eos_token_id=eos_token_ids or None,
-            max_model_len=self.max_model_len,
-        )
+        runner_kwargs = dict(device=self.device, dtype=self.dtype, eos_token_id=eos_token_ids or None, max_model_len=self.max_model_len)
+        if tp is not None:  # rank 0 here, the other ranks in child processes
+            self.runner = start_tensor_parallel(loaded, self.config, **runner_kwargs)
+        else:
+            self.runner = ModelRunner(loaded.config, self.config, loaded.state_dict, **runner_kwargs)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished prefill-only requests whose blocks await transfer
         self.counters = StepCounters()

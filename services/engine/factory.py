@@ -5,6 +5,7 @@ from __future__ import annotations
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine
 from stageserve.engine.loader.weights import LoadedModel, load_model
+from stageserve.engine.parallel.launch import leader_rank
 from stageserve.engine.runner import resolve_device, resolve_dtype
 from stageserve.tokenizer.text_tokenizer import TextTokenizer, load_tokenizer
 
@@ -13,7 +14,8 @@ def load_model_and_tokenizer(model: str | None, config: EngineConfig | None = No
     """Dummy weights are drawn directly on the engine's device and dtype; real ones are read on the CPU."""
     config = config or EngineConfig()
     device = resolve_device(config.device)
-    loaded = load_model(model, device=device, dtype=resolve_dtype(config.dtype, device))
+    tp = leader_rank(config, device)
+    loaded = load_model(model, device=device, dtype=resolve_dtype(config.dtype, device), tp=tp)
     tokenizer = load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
     return loaded, tokenizer
 

@@ -16,6 +16,8 @@ from stageserve.common.errors import InvalidArgumentError
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine, RequestOutput
 from stageserve.engine.loader.weights import load_model
+from stageserve.engine.parallel.launch import leader_rank
+from stageserve.engine.runner import resolve_device
 from stageserve.sample.params import SamplingParams
 from stageserve.tokenizer.detokenize import (
     detokenize_incrementally,
@@ -73,7 +75,8 @@ class Completion:
 
 class LLM:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None):
-        loaded = load_model(model)
+        config = config or EngineConfig()
+        loaded = load_model(model, tp=leader_rank(config, resolve_device(config.device)))  # under TP: rank 0's slices only
         self.tokenizer: TextTokenizer | None = (
             load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
         )

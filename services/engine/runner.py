@@ -95,20 +95,9 @@ class ModelRunner:
         """Run one step; returns, per scheduled request, its sampled token or None (mid-prefill)."""
         host, sample_rows = self._prepare_host(sched)
         results: list[SampledToken | None] = [None] * len(sched.scheduled)
-        decode_only = host.query_start_loc[-1] == len(sched.scheduled)
-        if decode_only and self.graphs is not None and self.graphs.can_run(len(sched.scheduled), host.block_tables.shape[1]):
-            logits = self.graphs.run(host.input_ids, host.positions, host.slots, host.block_tables, host.seq_lens)
-            if not sample_rows:
-                return results
-            if len(sample_rows) < len(sched.scheduled):  # a one-token prefill chunk samples nothing
-                logits = logits[torch.tensor([i for i, _ in sample_rows], device=self.device)]
-        else:
-            meta = host.to_device(self.device)
-            hidden = self.model(meta.input_ids, meta.positions, self.kv_caches, meta.attention)  # [num_tokens, hidden]
-            if not sample_rows:
-                return results
-            indices = torch.tensor([row for _, row in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden[indices])  # [num_sampled, vocab]
+        logits = self.forward_step(host, [row for _, row in sample_rows])
+        if logits is None:
+            return results
         rows = [
             SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids)
             for r in (sched.scheduled[i].request for i, _ in sample_rows)
@@ -116,6 +105,27 @@ class ModelRunner:
         for (i, _), token in zip(sample_rows, self.sampler(logits, rows).to_lists()):
             results[i] = token
         return results
+
+    def forward_step(self, host: HostBatch, sample_rows: list[int]) -> torch.Tensor | None:
+        """The forward pass of one step: logits [len(sample_rows), vocab] of those flat rows, or None.
+
+        Depends on nothing but its arguments, so tensor-parallel ranks given the same inputs take the
+        same path (graph or eager) and issue the same collectives.
+        """
+        num_seqs = len(host.seq_lens_host)
+        decode_only = host.query_start_loc[-1] == num_seqs
+        if decode_only and self.graphs is not None and self.graphs.can_run(num_seqs, host.block_tables.shape[1]):
+            logits = self.graphs.run(host.input_ids, host.positions, host.slots, host.block_tables, host.seq_lens)
+            if not sample_rows:
+                return None
+            if len(sample_rows) < num_seqs:  # a one-token prefill chunk samples nothing; rows are seqs here
+                logits = logits[torch.tensor(sample_rows, device=self.device)]
+            return logits
+        meta = host.to_device(self.device)
+        hidden = self.model(meta.input_ids, meta.positions, self.kv_caches, meta.attention)  # [num_tokens, hidden]
+        if not sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])  # [num_sampled, vocab]
 
     def _prepare_host(self, sched: SchedulerOutput) -> tuple[HostBatch, list[tuple[int, int]]]:
         """The step's inputs as host tensors, and (index in schedule, row in the flat batch) of rows to sample."""

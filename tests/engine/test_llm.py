@@ -13,7 +13,7 @@ from stageserve.sample.params import SamplingParams
 @pytest.fixture(scope="module")
 def llm(default_weights, monkeypatch_module):
     # Reuse the session's weights instead of reading the GGUF again.
-    monkeypatch_module.setattr("stageserve.engine.llm.load_model", lambda name: default_weights)
+    monkeypatch_module.setattr("stageserve.engine.llm.load_model", lambda name, **_: default_weights)
     return LLM()
 
 
@@ -55,7 +55,7 @@ def test_raw_prompt_has_no_bos_and_chat_uses_template(llm):
 def test_cli_generate_local_json(capsys, monkeypatch, default_weights):
     from stageserve import cli
 
-    monkeypatch.setattr("stageserve.engine.llm.load_model", lambda name: default_weights)
+    monkeypatch.setattr("stageserve.engine.llm.load_model", lambda name, **_: default_weights)
     assert cli.main(["generate", "What is 2+2?", "--local", "--chat", "--json", "--max-tokens", "8"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"prompt_token_ids", "token_ids", "text", "finish_reason"} <= out.keys()

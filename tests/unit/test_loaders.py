@@ -572,6 +572,7 @@ def test_missing_files_and_unknown_names_raise_model_load_error(tmp_path):
     "shape, params, tied",
     [
         ("llama-3-8b", 8.03e9, False),
+        ("llama-3-70b", 7.06e10, False),
         ("llama-3.2-1b", 1.24e9, True),
         ("smollm2-135m", 1.35e8, True),
         ("qwen2.5-0.5b", 4.94e8, True),

@@ -15,7 +15,7 @@ import torch
 
 from stageserve.common.errors import ModelLoadError
 from stageserve.engine.config import ModelConfig
-from stageserve.engine.loader.weights import LoadedModel, progress
+from stageserve.engine.loader.weights import LoadedModel, model_shard, progress
 
 SUPPORTED_TYPES = {
     gguf.GGMLQuantizationType.F32,
@@ -129,13 +129,15 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
+def load_gguf(path: Path, name: str | None = None, tp=None) -> LoadedModel:
+    """Dequantize tensor by tensor; with `tp` (a `TPRank`) keep only that rank's slice of each."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     reader = read_gguf(path)
     config = config_from_gguf(reader, name or path.stem)
     if name:
         config = ModelConfig(**{**config.__dict__, "name": name})
+    shard = model_shard(config, tp)
     state: dict[str, torch.Tensor] = {}
     with progress(len(reader.tensors), f"loading {path.name}") as bar:
         for tensor in reader.tensors:
@@ -155,7 +157,8 @@ def load_gguf(path: Path, name: str | None = None) -> LoadedModel:
                 elif tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
                     array = unpermute_rows(array, config.num_kv_heads)
             array = np.ascontiguousarray(array, dtype=np.float32)
-            state[target] = torch.from_numpy(array if array.flags.writeable else array.copy())
+            weight = torch.from_numpy(array if array.flags.writeable else array.copy())
+            state[target] = shard.apply(target, weight) if shard is not None else weight
     if "model.embed_tokens.weight" not in state:
         raise ModelLoadError(f"{path}: no token_embd.weight tensor")
-    return LoadedModel(config=config, state_dict=state, tokenizer_source=path, source=str(path))
+    return LoadedModel(config=config, state_dict=state, tokenizer_source=path, source=str(path), shard=shard)

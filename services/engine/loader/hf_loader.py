@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from stageserve.common.errors import ModelLoadError
 from stageserve.engine.config import ModelConfig, RopeScaling
-from stageserve.engine.loader.weights import LoadedModel, progress
+from stageserve.engine.loader.weights import LoadedModel, model_shard, progress
 
 _ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -73,7 +73,8 @@ def _model_config(raw: dict, arch: str, scaling: dict, rope_type: str | None, na
     )
 
 
-def load_hf_dir(path: Path) -> LoadedModel:
+def load_hf_dir(path: Path, tp=None) -> LoadedModel:
+    """With `tp` (a `TPRank`), each tensor is read only over that rank's rows or columns."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path}: no config.json")
@@ -82,6 +83,7 @@ def load_hf_dir(path: Path) -> LoadedModel:
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{config_file}: invalid JSON ({exc})") from exc
     config = config_from_hf(raw, path.name)
+    shard = model_shard(config, tp)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors files")
@@ -92,12 +94,24 @@ def load_hf_dir(path: Path) -> LoadedModel:
                 keys = list(f.keys())
                 with progress(len(keys), f"loading {file.name}") as bar:
                     for key in keys:
-                        state[key] = f.get_tensor(key)
+                        state[key] = f.get_tensor(key) if shard is None else _read_shard(f, key, shard)
                         bar.update()
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ModelLoadError(f"{path}: unreadable safetensors ({exc})") from exc
     tokenizer = path if (path / "tokenizer.json").is_file() else None
-    return LoadedModel(config=config, state_dict=state, tokenizer_source=tokenizer, source=str(path))
+    return LoadedModel(config=config, state_dict=state, tokenizer_source=tokenizer, source=str(path), shard=shard)
+
+
+def _read_shard(f, key: str, shard) -> torch.Tensor:
+    """Read only this rank's rows (or columns) of one tensor from the file."""
+    from stageserve.engine.parallel.sharding import pad_to
+
+    part = f.get_slice(key)
+    region = shard.region(key, tuple(part.get_shape()))
+    if region is None:
+        return part[:]
+    index = slice(region.start, region.stop)
+    return pad_to(part[index] if region.dim == 0 else part[:, index], region)
 
 
 def _context_limit(raw: dict, arch: str) -> int:

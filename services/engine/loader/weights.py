@@ -12,12 +12,16 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from stageserve.common.errors import ModelLoadError
 from stageserve.engine.config import ModelConfig
+
+if TYPE_CHECKING:
+    from stageserve.engine.parallel.sharding import ModelShard, TPRank
 
 
 @dataclass
@@ -29,6 +33,7 @@ class LoadedModel:
     tokenizer_source: Path | None
     source: str
     extra: dict = field(default_factory=dict)
+    shard: ModelShard | None = None  # set when `state_dict` holds one tensor-parallel rank's slices only
 
 
 @contextlib.contextmanager
@@ -41,23 +46,35 @@ def progress(total: int, desc: str) -> Iterator[tqdm]:
         bar.close()
 
 
-def load_model(name: str | None, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(
+    name: str | None, *, device: torch.device | None = None, dtype: torch.dtype | None = None, tp: TPRank | None = None
+) -> LoadedModel:
     """Load `name`: None or "default" (the built-in SmolLM2), "dummy:<shape>", a .gguf file or an HF dir.
 
     `device` and `dtype` matter only for dummy weights, which are created in place; real weights are
-    read on the CPU and moved by the model.
+    read on the CPU and moved by the model. With `tp`, only that rank's slices are materialized,
+    one tensor at a time.
     """
     from stageserve.engine.loader import dummy, gguf_loader, hf_loader
     from stageserve.engine.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
 
     if name in (None, "", "default", DEFAULT_MODEL_NAME):
-        return gguf_loader.load_gguf(default_model_path(), name=DEFAULT_MODEL_NAME)
+        return gguf_loader.load_gguf(default_model_path(), name=DEFAULT_MODEL_NAME, tp=tp)
     if name.startswith("dummy:"):
-        return dummy.load_dummy(name.removeprefix("dummy:"), device=device, dtype=dtype)
+        return dummy.load_dummy(name.removeprefix("dummy:"), device=device, dtype=dtype, tp=tp)
     path = Path(name)
     if path.is_file() and path.suffix == ".gguf":
-        return gguf_loader.load_gguf(path)
+        return gguf_loader.load_gguf(path, tp=tp)
     if path.is_dir():
-        return hf_loader.load_hf_dir(path)
+        return hf_loader.load_hf_dir(path, tp=tp)
     known = ", ".join(["default", *(f"dummy:{s}" for s in dummy.DUMMY_SHAPES)])
     raise ModelLoadError(f"unknown model {name!r}: expected a .gguf file, an HF directory, or one of {known}")
+
+
+def model_shard(config: ModelConfig, tp: TPRank | None) -> ModelShard | None:
+    """The shard a loader slices to, once the file's config is known (None: load everything)."""
+    if tp is None:
+        return None
+    from stageserve.engine.parallel.sharding import ModelShard
+
+    return ModelShard(config, tp.rank, tp.size)
