@@ -57,7 +57,9 @@ class ModelRunner:
         model.load_hf_state_dict(state_dict)
         model.rope.reset_tables()  # float32, whatever the weights' dtype
         self.model = model.eval()
-        self.kv_caches = self._allocate_kv_cache()
+        # One allocation for every layer, so a KV transport can export (or read) the whole pool at once.
+        self.kv_pool = self._allocate_kv_pool()  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        self.kv_caches = list(self.kv_pool.unbind(0))  # per-layer views
         generator = torch.Generator(device=device).manual_seed(engine_config.sampler_seed)
         self.sampler = Sampler(eos_token_id=eos_token_id, generator=generator)
         self.graphs: CudaGraphRunner | None = None
@@ -72,10 +74,10 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.capture()
 
-    def _allocate_kv_cache(self) -> list[torch.Tensor]:
+    def _allocate_kv_pool(self) -> torch.Tensor:
         c, m = self.config, self.model_config
-        shape = (2, c.num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
-        return [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(m.num_layers)]
+        shape = (m.num_layers, 2, c.num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
 
     def read_kv(self, layer: int, block_ids: list[int]) -> torch.Tensor:
         """A copy of one layer's pages: [2, len(block_ids), block_size, num_kv_heads, head_dim]."""

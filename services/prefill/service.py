@@ -8,12 +8,17 @@ Life of a Prefill call:
     3. unless the first token already ends the request, send the held pages with the KV transport:
        by default in the background after the first token is returned (`first_token_before_kv`), so the
        transfer is off the TTFT path and decode's Attach waits for it; or before returning
-    4. release the held blocks on every exit path: success, transfer failure, cancel, deadline
+    4. release the held blocks on every exit path: success, transfer failure, cancel, deadline (the
+       lease states of transport/lifecycle.py: HELD -> SENDING -> SENT, or ABORTED)
+
+The transport is the descriptor's (decode chose it); one this worker cannot use for that peer (cuda-ipc
+on another host) falls back to host, which every decode worker accepts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,8 +39,10 @@ from stageserve.engine.worker import EngineWorker
 from stageserve.engine.engine import RequestOutput
 from stageserve.sample.params import SamplingParams
 from stageserve.sample.sampler import SampledToken
-from stageserve.transport.base import KVDescriptor, KVSender
+from stageserve.transport.base import KVDescriptor, KVSender, KVSource
 from stageserve.transport.host import DEFAULT_MAX_CHUNK_BYTES, HostKVSender, channel_cache
+from stageserve.transport.lifecycle import LeaseState, LeaseTable
+from stageserve.transport.select import TransportChoice, host_id, served_transports
 from stageserve.v1 import prefill_pb2, prefill_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,18 @@ class PrefillServiceConfig(WorkerConfig):
     kv_checksum: bool = field(default=True, metadata={"help": "CRC-32 every KV chunk"})
     first_token_before_kv: bool = field(
         default=True, metadata={"help": "return the first token before the KV transfer ends (lower TTFT)"}
+    )
+    kv_transport: TransportChoice = field(
+        default="auto", metadata={"help": "KV transports this worker can send over: auto (by device) or one"}
+    )
+    kv_layer_push: bool = field(
+        default=True, metadata={"help": "send each layer's pages as soon as they are ready (vs all layers, then send)"}
+    )
+    kv_device_checksum: bool = field(
+        default=False, metadata={"help": "checksum the pages on the device; decode rejects a mismatch (re-prefill)"}
+    )
+    kv_claim_s: float = field(
+        default=5.0, metadata={"help": "cuda-ipc: longest our copies into decode's pool may take", "min": 0.01}
     )
 
 
@@ -85,15 +104,17 @@ def first_token(out: RequestOutput) -> SampledToken:
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(
-        self, worker: EngineWorker, sender: KVSender, kv_timeout_s: float, background: bool = True,
-        metrics: Metrics | None = None,
+        self, worker: EngineWorker, senders: dict[str, KVSender], kv_timeout_s: float, background: bool = True,
+        metrics: Metrics | None = None, device_checksum: bool = False,
     ):
-        self.worker, self.sender, self.kv_timeout_s = worker, sender, kv_timeout_s
+        self.worker, self.senders, self.kv_timeout_s = worker, senders, kv_timeout_s
         self.metrics = metrics or Metrics()
         self.background = background
         self.transfers: dict[str, asyncio.Task] = {}  # request id -> KV push still under way
+        self.leases = LeaseTable()
         self.engine = worker.engine
         self.layout = kv_layout(self.engine)
+        self.source = KVSource(self._read_layer, self.engine.runner.kv_pool, device_checksum)
 
     async def Prefill(self, request, context):
         req = PrefillInput.from_pb(request, self.engine.model_config.vocab_size)
@@ -113,7 +134,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if out.finish_reason is None and req.descriptor is not None:
             transfer = self._transfer(req)
             if self.background:
-                self.transfers[req.request_id] = asyncio.create_task(transfer)
+                task = asyncio.create_task(transfer)
+                self.transfers[req.request_id] = task
+                task.add_done_callback(lambda t, rid=req.request_id: self.transfers.pop(rid, None) if self.transfers.get(rid) is t else None)
             else:
                 await transfer
         else:
@@ -136,8 +159,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         needed = -(-len(req.prompt_token_ids) // self.layout.block_size)
         if len(d.block_ids) != needed:
             raise InvalidArgumentError("decode_target.kv.block_ids", f"{len(d.block_ids)} blocks for a prompt needing {needed}")
-        if d.transport != self.sender.name:
-            raise InvalidArgumentError("decode_target.kv.transport", f"{d.transport!r} is not served here ({self.sender.name!r})")
+
+    def _sender(self, d: KVDescriptor) -> KVSender:
+        """The descriptor's transport, or host where we cannot use it for this peer (every decode accepts host)."""
+        sender = self.senders.get(d.transport)
+        same_host = d.cuda_ipc is None or d.cuda_ipc.host_id == host_id()
+        if sender is not None and (d.transport != "cuda-ipc" or same_host):
+            return sender
+        logger.warning("kv transport %s unusable for decode at %s (%s); sending over host", d.transport, d.address,
+                       "another host" if not same_host else "not served here")
+        return self.senders["host"]
 
     async def _transfer(self, req: PrefillInput) -> None:
         """Push the held pages into the decode worker's reservation, then release them whatever happens.
@@ -145,10 +176,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         A failure is only logged here: decode's reservation then never completes (or is marked failed),
         so its Attach fails and the gateway sees the error there.
         """
+        lease, state, reason = None, LeaseState.ABORTED, "cancelled"
         try:
             src = await self.worker.call(lambda e: e.held_block_ids(req.request_id))
+            lease = self.leases.open(req.request_id, len(src))
+            descriptor = req.descriptor if req.descriptor.address else dataclasses.replace(req.descriptor, address=req.target_address)
+            sender = self._sender(descriptor)
+            self.leases.sending(lease)
             with tracing.span("kv_transfer", {"stageserve.request_id": req.request_id}, kind="client") as s:
-                stats = await self.sender.send(req.descriptor, src, self._read_layer, self.kv_timeout_s)
+                stats = await sender.send(descriptor, src, self.source, self.kv_timeout_s)
                 s.set_attributes({
                     "stageserve.kv.transport": stats.transport, "stageserve.kv.bytes": stats.num_bytes,
                     "stageserve.kv.blocks": stats.num_blocks, "stageserve.kv.layers": stats.num_layers,
@@ -158,15 +194,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self.metrics.kv_transfer_time.observe(stats.seconds)
             self.metrics.kv_transfer_bytes.observe(stats.num_bytes)
             logger.debug("%s: %d KV bytes in %d chunks, %.1f ms", req.request_id, stats.num_bytes, stats.num_chunks, stats.seconds * 1e3)
+            state, reason = LeaseState.SENT, None
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # grpc errors, timeouts: the request fails at decode's Attach
+            reason = f"{type(exc).__name__}: {exc}"
             logger.warning("%s: KV transfer to %s failed: %s", req.request_id, req.target_address, exc)
             if not self.background:
                 raise
         finally:
-            self.transfers.pop(req.request_id, None)
-            await self.worker.call(lambda e: e.release_held(req.request_id))
+            if lease is not None:
+                self.leases.close(lease, state, reason)
+            await asyncio.shield(self.worker.call(lambda e: e.release_held(req.request_id)))
 
     async def _read_layer(self, layer: int, block_ids: list[int]):
         # Held blocks are written by nobody until released, so they can be read off the engine thread.
@@ -180,19 +219,39 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillCancelResponse(found=found or transfer is not None)
 
     async def Stats(self, request, context):
-        return prefill_pb2.PrefillStatsResponse(pool=await self.worker.call(pool_stats_pb))
+        pool = await self.worker.call(pool_stats_pb)
+        pool.active_leases, pool.transfer_blocks = len(self.leases), self.leases.num_blocks
+        return prefill_pb2.PrefillStatsResponse(pool=pool)
+
+
+def make_senders(config: PrefillServiceConfig, device) -> dict[str, KVSender]:
+    channels = channel_cache()
+    senders: dict[str, KVSender] = {}
+    for name in served_transports(config.kv_transport, device):
+        if name == "cuda-ipc":
+            from stageserve.transport.cuda_ipc import CudaIpcKVSender
+
+            senders[name] = CudaIpcKVSender(channels, device, config.kv_layer_push, config.kv_claim_s)
+        elif name == "nccl":
+            from stageserve.transport.nccl import NcclKVSender
+
+            senders[name] = NcclKVSender(channels, device)
+        else:
+            senders[name] = HostKVSender(channels, config.kv_chunk_bytes, config.kv_checksum, config.kv_layer_push)
+    return senders
 
 
 async def start(config: PrefillServiceConfig, worker: EngineWorker | None = None) -> tuple[ServerHandle, EngineWorker]:
     worker = worker or await start_worker(config)
-    sender = HostKVSender(channel_cache(), max_chunk_bytes=config.kv_chunk_bytes, checksum=config.kv_checksum)
+    senders = make_senders(config, worker.engine.device)
     metrics = Metrics()
     metrics.watch_engine(worker.engine.stats)
     metrics.watch_gpu()
-    servicer = PrefillServicer(worker, sender, config.kv_timeout_s, config.first_token_before_kv, metrics)
+    servicer = PrefillServicer(worker, senders, config.kv_timeout_s, config.first_token_before_kv, metrics,
+                               config.kv_device_checksum)
     handle = await create_server(config.server, [servicer], metrics=metrics)
     await handle.set_ready(True)
-    logger.info("prefill serving on %s", handle.address)
+    logger.info("prefill serving on %s (kv transports %s)", handle.address, ", ".join(senders))
     return handle, worker
 
 
