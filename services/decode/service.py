@@ -30,7 +30,7 @@ from stageserve.common.convert import (
 from stageserve.common import tracing
 from stageserve.common.metrics import Metrics
 from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
-from stageserve.common.errors import DataLossError, DeadlineExceededError, InvalidArgumentError
+from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.engine.engine import RequestOutput
 from stageserve.engine.worker import EngineWorker
@@ -114,33 +114,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.ReserveResponse(descriptor=descriptor.to_pb())
 
     async def PushKV(self, request_iterator, context):
-        reservation, num_chunks, num_bytes = None, 0, 0
-        try:
-            async for chunk in request_iterator:
-                reservation = reservation or self.table.get(chunk.reservation_id, "kv_chunk.reservation_id")
-                if chunk.reservation_id != reservation.reservation_id:
-                    raise InvalidArgumentError("kv_chunk.reservation_id", "changed within one stream")
-                num_bytes += await self.landing.land(chunk, reservation)
-                num_chunks += 1
-                if chunk.final and not reservation.complete:
-                    raise InvalidArgumentError("kv_chunk.final", "transfer ended before every layer of every block arrived")
-        except (InvalidArgumentError, DataLossError) as exc:  # fail closed: nothing of this transfer is decoded
-            if reservation is not None:
-                await self.table.end(reservation, TransferState.ABORTED, str(exc), data_loss=isinstance(exc, DataLossError))
-            raise
-        except BaseException as exc:  # the sender went away mid-stream (cancelled, died, or its stream broke)
-            if reservation is not None and not reservation.complete:
-                reason = f"sender's stream broke mid-transfer ({type(exc).__name__})"
-                await asyncio.shield(self.table.end(reservation, TransferState.ABORTED, reason))
-            raise
-        if reservation is not None and reservation.writer_deadline is not None:
-            # Only a stream the writer finished proves its copies are done; after an error the blocks
-            # wait out the claim's lease (the reaper frees them).
-            await self.table.writer_done(reservation)
-        if reservation is not None and not reservation.complete:
-            await self.table.end(reservation, TransferState.ABORTED, "stream ended before every layer of every block arrived")
-            raise InvalidArgumentError("kv_chunk.final", reservation.error)
-        rid = reservation.reservation_id if reservation else ""
+        rid, num_chunks, num_bytes = await self.landing.receive(request_iterator, self.table)
         return decode_pb2.PushKVResponse(reservation_id=rid, num_chunks=num_chunks, num_bytes=num_bytes)
 
     async def ClaimKV(self, request, context):

@@ -119,6 +119,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(self, request, context):
         req = PrefillInput.from_pb(request, self.engine.model_config.vocab_size)
         self._check_descriptor(req)
+        previous = self.transfers.get(req.request_id)
+        if previous is not None:  # prefilled again (decode rejected the pages): the old lease ends first
+            await asyncio.wait([previous], timeout=self.kv_timeout_s)
         start = time.monotonic()
         out = None
         add = lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, req.cache_salt, prefill_only=True)

@@ -163,6 +163,7 @@ class ReservationTable:
         reservation.writer_deadline = None
         if self._draining.pop(reservation.reservation_id, None) is not None:
             await self.free(reservation.request_id)
+            reservation.settled.set()
 
     async def end(self, reservation: Reservation, state: TransferState, reason: str | None = None,
                   data_loss: bool = False) -> bool:
@@ -171,21 +172,22 @@ class ReservationTable:
             return False
         reservation._move(state)
         reservation.error, reservation.data_loss = reason, data_loss
-        reservation.received.clear()  # whatever landed is never decoded unless the whole transfer did
+        if state is not TransferState.ATTACHED:
+            reservation.received.clear()  # whatever landed is never decoded unless the whole transfer did
         self._by_id.pop(reservation.reservation_id, None)
         if self._by_request.get(reservation.request_id) == reservation.reservation_id:
             self._by_request.pop(reservation.request_id)
         self._ended[reservation.reservation_id] = reservation
         while len(self._ended) > _TOMBSTONES:
             self._ended.popitem(last=False)
-        reservation.settled.set()
         if state is not TransferState.ATTACHED:
             if reason:
                 logger.warning("reservation of %s %s: %s", reservation.request_id, state.value, reason)
-            if reservation.writer_deadline is not None:
+            if reservation.writer_deadline is not None:  # settles once the writer is done and the blocks are free
                 self._draining[reservation.reservation_id] = reservation
-            else:
-                await self.free(reservation.request_id)
+                return True
+            await self.free(reservation.request_id)
+        reservation.settled.set()  # after the free: a woken Attach's caller may reserve the same request again
         return True
 
     async def expire(self, now: float | None = None) -> int:
