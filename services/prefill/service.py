@@ -134,6 +134,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.metrics.prefill_time.observe(time.monotonic() - start)
         self.metrics.prefix_cache_queries.inc(len(req.prompt_token_ids))
         self.metrics.prefix_cache_hits.inc(out.num_cached_tokens)
+        transfer_s = 0.0
         if out.finish_reason is None and req.descriptor is not None:
             transfer = self._transfer(req)
             if self.background:
@@ -141,7 +142,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 self.transfers[req.request_id] = task
                 task.add_done_callback(lambda t, rid=req.request_id: self.transfers.pop(rid, None) if self.transfers.get(rid) is t else None)
             else:
+                transfer_start = time.monotonic()
                 await transfer
+                transfer_s = time.monotonic() - transfer_start
         else:
             await self.worker.call(lambda e: e.release_held(req.request_id))
         token = first_token(out)
@@ -151,6 +154,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             num_cached_tokens=out.num_cached_tokens,
             num_computed_tokens=len(req.prompt_token_ids) - out.num_cached_tokens,
             finish_reason=finish_reason_to_pb(out.finish_reason),
+            kv_transfer_s=transfer_s,
         )
 
     def _check_descriptor(self, req: PrefillInput) -> None:

@@ -43,10 +43,23 @@ _CU_POINTER_ATTRIBUTE_RANGE_SIZE = 12
 
 
 class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
+    _fields_ = [("reserved", ctypes.c_byte * IPC_HANDLE_BYTES)]
 
 
-def _find_library(stem: str, fallback: str) -> str:
+def struct_to_bytes(value: ctypes.Structure) -> bytes:
+    """All of a struct's bytes (a char-array field would stop at the first NUL)."""
+    return ctypes.string_at(ctypes.addressof(value), ctypes.sizeof(value))
+
+
+def struct_from_bytes(kind: type, data: bytes) -> ctypes.Structure:
+    if len(data) != ctypes.sizeof(kind):
+        raise ValueError(f"{kind.__name__} needs {ctypes.sizeof(kind)} bytes, got {len(data)}")
+    value = kind()
+    ctypes.memmove(ctypes.addressof(value), data, len(data))
+    return value
+
+
+def find_library(stem: str, fallback: str) -> str:
     """The copy of `stem` this process already loaded (torch's), else torch's nvidia package's, else the system's."""
     try:
         with open("/proc/self/maps") as f:
@@ -58,8 +71,8 @@ def _find_library(stem: str, fallback: str) -> str:
         pass
     import site
 
-    for root in site.getsitepackages():
-        found = sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", f"{stem}.so*")))
+    for root in site.getsitepackages():  # nvidia/cuda_runtime/lib (CUDA 12 wheels) or nvidia/cu13/lib (13)
+        found = sorted(glob.glob(os.path.join(root, "nvidia", "**", f"{stem}.so*"), recursive=True))
         if found:
             return found[0]
     return ctypes.util.find_library(stem.removeprefix("lib")) or fallback
@@ -70,7 +83,7 @@ class CudaRuntime:
 
     def __init__(self):
         torch.cuda.init()
-        self.rt = ctypes.CDLL(_find_library("libcudart", "libcudart.so"))
+        self.rt = ctypes.CDLL(find_library("libcudart", "libcudart.so"))
         self.drv = ctypes.CDLL("libcuda.so.1")
         self.rt.cudaGetErrorString.restype = ctypes.c_char_p
         self.rt.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), _IpcHandle, ctypes.c_uint]
@@ -98,13 +111,13 @@ class CudaRuntime:
         handle = _IpcHandle()
         self._check(self.rt.cudaSetDevice(device), "cudaSetDevice")
         self._check(self.rt.cudaIpcGetMemHandle(ctypes.byref(handle), ctypes.c_void_p(base)), "cudaIpcGetMemHandle")
-        return bytes(handle.reserved)
+        return struct_to_bytes(handle)
 
     def open_handle(self, device: int, handle: bytes) -> int:
         pointer = ctypes.c_void_p()
         self._check(self.rt.cudaSetDevice(device), "cudaSetDevice")
         self._check(
-            self.rt.cudaIpcOpenMemHandle(ctypes.byref(pointer), _IpcHandle(handle), _LAZY_ENABLE_PEER_ACCESS),
+            self.rt.cudaIpcOpenMemHandle(ctypes.byref(pointer), struct_from_bytes(_IpcHandle, handle), _LAZY_ENABLE_PEER_ACCESS),
             "cudaIpcOpenMemHandle",
         )
         return pointer.value

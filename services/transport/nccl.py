@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import glob
 import logging
 import os
 import time
@@ -32,6 +31,7 @@ from stageserve.common import tracing
 from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError
 from stageserve.transport.base import KVDescriptor, KVLayout, KVSender, KVSource, TransferStats, dtype_to_pb
 from stageserve.transport.checksum import page_checksum
+from stageserve.transport.cuda_ipc import find_library, struct_from_bytes, struct_to_bytes
 from stageserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -42,19 +42,15 @@ _POLL_S = 0.0002
 
 
 class _UniqueId(ctypes.Structure):
-    _fields_ = [("internal", ctypes.c_char * UNIQUE_ID_BYTES)]
+    _fields_ = [("internal", ctypes.c_byte * UNIQUE_ID_BYTES)]
 
 
 @lru_cache(maxsize=1)
 def find_libnccl() -> str | None:
-    """torch's bundled nvidia-nccl package first (the copy torch itself uses), then the system's."""
-    import site
-
-    for root in site.getsitepackages():
-        found = sorted(glob.glob(os.path.join(root, "nvidia", "nccl", "lib", "libnccl.so*")))
-        if found:
-            return found[0]
-    return ctypes.util.find_library("nccl")
+    """The copy torch loaded, else torch's bundled nvidia-nccl package (nvidia/nccl/lib or nvidia/cu13/lib),
+    else the system's."""
+    path = find_library("libnccl", "")
+    return path if path and (os.path.exists(path) or ctypes.util.find_library("nccl")) else None
 
 
 class NcclLibrary:
@@ -78,13 +74,13 @@ class NcclLibrary:
     def unique_id(self) -> bytes:
         uid = _UniqueId()
         self._check(self.lib.ncclGetUniqueId(ctypes.byref(uid)), "ncclGetUniqueId")
-        return bytes(uid.internal)
+        return struct_to_bytes(uid)
 
     def init_rank(self, unique_id: bytes, rank: int, device: torch.device) -> int:
         """Blocks until both ranks joined; call it off the event loop."""
         torch.cuda.set_device(device)
         comm = ctypes.c_void_p()
-        self._check(self.lib.ncclCommInitRank(ctypes.byref(comm), 2, _UniqueId(unique_id), rank), "ncclCommInitRank")
+        self._check(self.lib.ncclCommInitRank(ctypes.byref(comm), 2, struct_from_bytes(_UniqueId, unique_id), rank), "ncclCommInitRank")
         return comm.value
 
     def send(self, comm: int, tensor: torch.Tensor, peer: int, stream: torch.cuda.Stream) -> None:

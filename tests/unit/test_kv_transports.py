@@ -97,3 +97,14 @@ def test_page_checksum_sees_flips_and_swaps_and_ignores_nothing():
     assert page_checksum(flipped.view(torch.float32)) != base
     assert page_checksum(pages[:, [1, 0, 2, 3]]) != base  # two blocks swapped
     assert page_checksum(pages.to(torch.bfloat16)) != page_checksum(pages.to(torch.bfloat16).roll(1))
+
+
+def test_handles_and_unique_ids_keep_every_byte_through_ctypes():
+    from stageserve.transport.cuda_ipc import _IpcHandle, struct_from_bytes, struct_to_bytes
+    from stageserve.transport.nccl import UNIQUE_ID_BYTES, _UniqueId
+
+    for kind, size in ((_IpcHandle, IPC_HANDLE_BYTES), (_UniqueId, UNIQUE_ID_BYTES)):
+        data = bytes([0, 7, 0, 0, 255]) + bytes(range(size - 5))  # NULs early, as real handles have
+        assert struct_to_bytes(struct_from_bytes(kind, data)) == data
+        with pytest.raises(ValueError):
+            struct_from_bytes(kind, data[:-1])
