@@ -8,6 +8,7 @@ a prompt samples nothing).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,8 +94,12 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> list[SampledToken | None]:
-        """Run one step; returns, per scheduled request, its sampled token or None (mid-prefill)."""
+    def execute(self, sched: SchedulerOutput, on_layer: Callable[[int], None] | None = None) -> list[SampledToken | None]:
+        """Run one step; returns, per scheduled request, its sampled token or None (mid-prefill).
+
+        `on_layer(i)` is called right after layer i's forward is queued (a KV transport starts moving that
+        layer's pages while the later layers compute); only steps that run the model eagerly call it.
+        """
         host, sample_rows = self._prepare_host(sched)
         results: list[SampledToken | None] = [None] * len(sched.scheduled)
         decode_only = host.query_start_loc[-1] == len(sched.scheduled)
@@ -106,7 +111,7 @@ class ModelRunner:
                 logits = logits[torch.tensor([i for i, _ in sample_rows], device=self.device)]
         else:
             meta = host.to_device(self.device)
-            hidden = self.model(meta.input_ids, meta.positions, self.kv_caches, meta.attention)  # [num_tokens, hidden]
+            hidden = self.model(meta.input_ids, meta.positions, self.kv_caches, meta.attention, on_layer)  # [num_tokens, hidden]
             if not sample_rows:
                 return results
             indices = torch.tensor([row for _, row in sample_rows], device=self.device)

@@ -5,9 +5,10 @@ Life of a Prefill call:
     1. validate the prompt, params and the decode target's descriptor against our own KV layout
     2. run the prompt as a prefill-only request (chunked, batched with other prompts, prefix-cached);
        it finishes after sampling the first token and its blocks stay HELD
-    3. unless the first token already ends the request, send the held pages with the KV transport:
-       by default in the background after the first token is returned (`first_token_before_kv`), so the
-       transfer is off the TTFT path and decode's Attach waits for it; or before returning
+    3. send the pages with the KV transport: by default layer by layer while the prompt's last step
+       computes (`kv_layer_push`), else all layers once it is done (unless the first token already ends
+       the request). The response does not wait for the transfer (`first_token_before_kv`): it is off
+       the TTFT path and decode's Attach waits for it
     4. release the held blocks on every exit path: success, transfer failure, cancel, deadline (the
        lease states of transport/lifecycle.py: HELD -> SENDING -> SENT, or ABORTED)
 
@@ -39,7 +40,7 @@ from stageserve.engine.worker import EngineWorker
 from stageserve.engine.engine import RequestOutput
 from stageserve.sample.params import SamplingParams
 from stageserve.sample.sampler import SampledToken
-from stageserve.transport.base import KVDescriptor, KVSender, KVSource
+from stageserve.transport.base import KVDescriptor, KVSender, KVSource, LayerFeed
 from stageserve.transport.host import DEFAULT_MAX_CHUNK_BYTES, HostKVSender, channel_cache
 from stageserve.transport.lifecycle import LeaseState, LeaseTable
 from stageserve.transport.select import TransportChoice, host_id, served_transports
@@ -105,7 +106,7 @@ def first_token(out: RequestOutput) -> SampledToken:
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(
         self, worker: EngineWorker, senders: dict[str, KVSender], kv_timeout_s: float, background: bool = True,
-        metrics: Metrics | None = None, device_checksum: bool = False,
+        metrics: Metrics | None = None, device_checksum: bool = False, layer_push: bool = True,
     ):
         self.worker, self.senders, self.kv_timeout_s = worker, senders, kv_timeout_s
         self.metrics = metrics or Metrics()
@@ -115,6 +116,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.engine = worker.engine
         self.layout = kv_layout(self.engine)
         self.source = KVSource(self._read_layer, self.engine.runner.kv_pool, device_checksum)
+        self.layer_push = layer_push
 
     async def Prefill(self, request, context):
         req = PrefillInput.from_pb(request, self.engine.model_config.vocab_size)
@@ -123,30 +125,43 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if previous is not None:  # prefilled again (decode rejected the pages): the old lease ends first
             await asyncio.wait([previous], timeout=self.kv_timeout_s)
         start = time.monotonic()
+        # Layer-by-layer push: the transfer starts now and moves each layer as soon as the step that
+        # completes the prompt has queued it, overlapping the remaining layers' compute.
+        feed = LayerFeed(self.engine.device) if self.layer_push and req.descriptor is not None else None
+        computed = asyncio.Event()  # the prompt's step is over: its blocks are held (or were freed)
+        task = self._start_transfer(req, feed, computed) if feed is not None else None
+
+        def add(engine):
+            engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.cache_salt, prefill_only=True)
+            if feed is not None:
+                engine.watch_layers(req.request_id, feed.on_layer)
+
         out = None
-        add = lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.params, req.cache_salt, prefill_only=True)
         attributes = {"stageserve.request_id": req.request_id, "stageserve.prefill.num_prompt_tokens": len(req.prompt_token_ids)}
-        with tracing.span("prefill.compute", attributes) as s:
-            async for batch in self.worker.stream(req.request_id, add):
-                out = batch[-1]
-            s.set_attribute("stageserve.prefill.num_cached_tokens", out.num_cached_tokens)
-            s.set_attribute("stageserve.prefill.num_computed_tokens", len(req.prompt_token_ids) - out.num_cached_tokens)
+        try:
+            with tracing.span("prefill.compute", attributes) as s:
+                async for batch in self.worker.stream(req.request_id, add):
+                    out = batch[-1]
+                s.set_attribute("stageserve.prefill.num_cached_tokens", out.num_cached_tokens)
+                s.set_attribute("stageserve.prefill.num_computed_tokens", len(req.prompt_token_ids) - out.num_cached_tokens)
+        except BaseException:
+            if task is not None:
+                task.cancel()
+            raise
+        finally:
+            computed.set()
         self.metrics.prefill_time.observe(time.monotonic() - start)
         self.metrics.prefix_cache_queries.inc(len(req.prompt_token_ids))
         self.metrics.prefix_cache_hits.inc(out.num_cached_tokens)
         transfer_s = 0.0
-        if out.finish_reason is None and req.descriptor is not None:
-            transfer = self._transfer(req)
-            if self.background:
-                task = asyncio.create_task(transfer)
-                self.transfers[req.request_id] = task
-                task.add_done_callback(lambda t, rid=req.request_id: self.transfers.pop(rid, None) if self.transfers.get(rid) is t else None)
-            else:
-                transfer_start = time.monotonic()
-                await transfer
-                transfer_s = time.monotonic() - transfer_start
-        else:
+        if task is None and out.finish_reason is None and req.descriptor is not None:
+            task = self._start_transfer(req, None, computed)
+        if task is None:
             await self.worker.call(lambda e: e.release_held(req.request_id))
+        elif not self.background:  # the transfer's tail (all of it without layer push) is on this response's path
+            transfer_start = time.monotonic()
+            await task
+            transfer_s = time.monotonic() - transfer_start
         token = first_token(out)
         logger.debug("%s: prefill %d tokens in %.1f ms", req.request_id, len(req.prompt_token_ids), (time.monotonic() - start) * 1e3)
         return prefill_pb2.PrefillResponse(
@@ -156,6 +171,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             finish_reason=finish_reason_to_pb(out.finish_reason),
             kv_transfer_s=transfer_s,
         )
+
+    def _start_transfer(self, req: PrefillInput, feed: LayerFeed | None, computed: asyncio.Event) -> asyncio.Task:
+        task = asyncio.create_task(self._transfer(req, feed, computed))
+        self.transfers[req.request_id] = task
+        task.add_done_callback(lambda t: self.transfers.pop(req.request_id, None) if self.transfers.get(req.request_id) is t else None)
+        return task
 
     def _check_descriptor(self, req: PrefillInput) -> None:
         d = req.descriptor
@@ -177,21 +198,23 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                        "another host" if not same_host else "not served here")
         return self.senders["host"]
 
-    async def _transfer(self, req: PrefillInput) -> None:
-        """Push the held pages into the decode worker's reservation, then release them whatever happens.
+    async def _transfer(self, req: PrefillInput, feed: LayerFeed | None, computed: asyncio.Event) -> None:
+        """Push the prompt's pages into the decode worker's reservation (as its layers are computed, with
+        a feed), then release them, whatever happens, once the prompt's step is over.
 
-        A failure is only logged here: decode's reservation then never completes (or is marked failed),
-        so its Attach fails and the gateway sees the error there.
+        A failure is only logged here (unless the response waits for the transfer): decode's reservation
+        then never completes or is marked failed, so its Attach fails and the gateway sees the error there.
         """
         lease, state, reason = None, LeaseState.ABORTED, "cancelled"
         try:
-            src = await self.worker.call(lambda e: e.held_block_ids(req.request_id))
+            src = await feed.block_ids() if feed is not None else await self.worker.call(lambda e: e.held_block_ids(req.request_id))
             lease = self.leases.open(req.request_id, len(src))
             descriptor = req.descriptor if req.descriptor.address else dataclasses.replace(req.descriptor, address=req.target_address)
             sender = self._sender(descriptor)
             self.leases.sending(lease)
+            source = dataclasses.replace(self.source, feed=feed)
             with tracing.span("kv_transfer", {"stageserve.request_id": req.request_id}, kind="client") as s:
-                stats = await sender.send(descriptor, src, self.source, self.kv_timeout_s)
+                stats = await sender.send(descriptor, src, source, self.kv_timeout_s)
                 s.set_attributes({
                     "stageserve.kv.transport": stats.transport, "stageserve.kv.bytes": stats.num_bytes,
                     "stageserve.kv.blocks": stats.num_blocks, "stageserve.kv.layers": stats.num_layers,
@@ -212,7 +235,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         finally:
             if lease is not None:
                 self.leases.close(lease, state, reason)
-            await asyncio.shield(self.worker.call(lambda e: e.release_held(req.request_id)))
+            await asyncio.shield(self._release_after(req.request_id, computed))
+
+    async def _release_after(self, request_id: str, computed: asyncio.Event) -> None:
+        await computed.wait()  # until then the blocks belong to the running prompt, not to us
+        await self.worker.call(lambda e: e.release_held(request_id))
 
     async def _read_layer(self, layer: int, block_ids: list[int]):
         # Held blocks are written by nobody until released, so they can be read off the engine thread.
@@ -255,7 +282,7 @@ async def start(config: PrefillServiceConfig, worker: EngineWorker | None = None
     metrics.watch_engine(worker.engine.stats)
     metrics.watch_gpu()
     servicer = PrefillServicer(worker, senders, config.kv_timeout_s, config.first_token_before_kv, metrics,
-                               config.kv_device_checksum)
+                               config.kv_device_checksum, config.kv_layer_push)
     handle = await create_server(config.server, [servicer], metrics=metrics)
     await handle.set_ready(True)
     logger.info("prefill serving on %s (kv transports %s)", handle.address, ", ".join(senders))

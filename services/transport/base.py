@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -130,6 +131,43 @@ class TransferStats:
 PageReader = Callable[[int, list[int]], Awaitable[torch.Tensor]]
 
 
+class LayerFeed:
+    """One prompt's layers as the engine computes them, for a push that overlaps the prefill.
+
+    The engine thread calls `on_layer(layer, block_ids)` right after queueing layer `layer` of the step
+    that completes the prompt (see LLMEngine.watch_layers); on a GPU it records an event on the compute
+    stream there, and a sender's copy of that layer waits on the event instead of on the whole step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.loop = asyncio.get_running_loop()
+        self.device = device
+        self._layers: dict[int, asyncio.Future] = {}  # layer -> the CUDA event after it (None on CPU)
+        self._block_ids: asyncio.Future = self.loop.create_future()
+
+    def on_layer(self, layer: int, block_ids: list[int]) -> None:  # the engine thread
+        event = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
+        self.loop.call_soon_threadsafe(self._land, layer, list(block_ids), event)
+
+    def _land(self, layer: int, block_ids: list[int], event) -> None:
+        if not self._block_ids.done():
+            self._block_ids.set_result(block_ids)
+        future = self._future(layer)
+        if not future.done():
+            future.set_result(event)
+
+    def _future(self, layer: int) -> asyncio.Future:
+        return self._layers.setdefault(layer, self.loop.create_future())
+
+    async def block_ids(self) -> list[int]:
+        """The prompt's blocks, in token order, once its last step has started (layer 0 is done)."""
+        return await self._block_ids
+
+    async def ready(self, layer: int):
+        """Wait until `layer` is queued; returns the CUDA event to wait on (None on CPU, where it is done)."""
+        return await self._future(layer)
+
+
 @dataclass(frozen=True)
 class KVSource:
     """The sender's pool: `read_layer` for byte transports, `pool` itself for device-to-device copies."""
@@ -137,6 +175,14 @@ class KVSource:
     read_layer: PageReader
     pool: torch.Tensor | None = None  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
     device_checksum: bool = False  # attach transport/checksum.py's page checksum to every chunk
+    feed: LayerFeed | None = None  # set: layers are still being computed; wait for each before reading it
+
+    async def layer_ready(self, layer: int) -> None:
+        """Block (without blocking the loop) until `layer` may be read on the current stream."""
+        if self.feed is not None:
+            event = await self.feed.ready(layer)
+            if event is not None:
+                torch.cuda.current_stream(self.pool.device).wait_event(event)
 
 
 class KVSender(abc.ABC):

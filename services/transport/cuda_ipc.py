@@ -261,30 +261,39 @@ class CudaIpcKVSender(KVSender):
         dst_ids = torch.tensor(descriptor.block_ids, dtype=torch.int64, device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the pages were written on the engine's stream
         groups = [[layer] for layer in range(layout.num_layers)] if self.layer_push else [list(range(layout.num_layers))]
-        done: list[torch.cuda.Event] = []
-        with torch.cuda.stream(stream):  # every group is queued at once; the notices follow as each completes
-            for layers in groups:
-                first, last = layers[0], layers[-1] + 1
-                copy_blocks(source.pool[first:last], dst[first:last], src_ids, dst_ids)
-                done.append(stream.record_event())
         try:
-            async for chunk in self._notices(descriptor, src, source, src_ids, groups, done, stats):
-                yield chunk
+            if source.feed is None:
+                done = [self._copy(source, dst, src_ids, dst_ids, layers) for layers in groups]  # all queued at once
+            for i, layers in enumerate(groups):
+                if source.feed is not None:  # still computing: copy each layer as soon as its forward is queued
+                    for layer in layers:
+                        stream.wait_event(await source.feed.ready(layer))
+                    event = self._copy(source, dst, src_ids, dst_ids, layers)
+                else:
+                    event = done[i]
+                await asyncio.to_thread(event.synchronize)
+                for chunk in self._notices(descriptor, src, source, src_ids, layers, stats):
+                    yield chunk
         finally:  # cancelled or failed midway: our copies still finish before the claim is let go
             stream.synchronize()
 
-    async def _notices(self, descriptor, src, source, src_ids, groups, done, stats) -> AsyncIterator[common_pb2.KVChunk]:
-        layout = descriptor.layout
-        for layers, event in zip(groups, done):
-            await asyncio.to_thread(event.synchronize)
-            for layer in layers:
-                chunk = common_pb2.KVChunk(
-                    reservation_id=descriptor.reservation_id, layer_index=layer, block_ids=descriptor.block_ids,
-                    dtype=dtype_to_pb(layout.dtype), shape=layout.page_shape(len(src)), chunk_index=stats.num_chunks,
-                    final=layer == layout.num_layers - 1, out_of_band=True,
-                )
-                if source.device_checksum:
-                    chunk.page_checksum = page_checksum(source.pool[layer].index_select(1, src_ids))
-                stats.num_chunks += 1
-                stats.num_bytes += layout.bytes_per_block_layer * len(src)
-                yield chunk
+    def _copy(self, source: KVSource, dst, src_ids, dst_ids, layers: list[int]) -> torch.cuda.Event:
+        with torch.cuda.stream(self.stream):
+            first, last = layers[0], layers[-1] + 1
+            copy_blocks(source.pool[first:last], dst[first:last], src_ids, dst_ids)
+            return self.stream.record_event()
+
+    def _notices(self, descriptor, src, source, src_ids, layers, stats) -> list[common_pb2.KVChunk]:
+        layout, chunks = descriptor.layout, []
+        for layer in layers:
+            chunk = common_pb2.KVChunk(
+                reservation_id=descriptor.reservation_id, layer_index=layer, block_ids=descriptor.block_ids,
+                dtype=dtype_to_pb(layout.dtype), shape=layout.page_shape(len(src)), chunk_index=stats.num_chunks,
+                final=layer == layout.num_layers - 1, out_of_band=True,
+            )
+            if source.device_checksum:
+                chunk.page_checksum = page_checksum(source.pool[layer].index_select(1, src_ids))
+            stats.num_chunks += 1
+            stats.num_bytes += layout.bytes_per_block_layer * len(src)
+            chunks.append(chunk)
+        return chunks

@@ -79,6 +79,8 @@ class HostKVSender(KVSender):
         read_ahead = [] if self.layer_push else [await source.read_layer(layer, src) for layer in range(layout.num_layers)]
         for layer in range(layout.num_layers):
             # [2, n, block_size, kv_heads, head_dim]
+            if self.layer_push:
+                await source.layer_ready(layer)
             pages = await source.read_layer(layer, src) if self.layer_push else read_ahead[layer]
             for start, end in pieces:
                 piece = pages[:, start:end]

@@ -226,6 +226,8 @@ class NcclKVSender(KVSender):
         src_ids = torch.tensor(src, dtype=torch.int64, device=self.device)
         comm.stream.wait_stream(torch.cuda.current_stream(self.device))
         for layer in range(layout.num_layers):
+            if source.feed is not None:  # still computing: send each layer as soon as its forward is queued
+                comm.stream.wait_event(await source.feed.ready(layer))
             with torch.cuda.stream(comm.stream):
                 pages = source.pool[layer].index_select(1, src_ids)  # [2, n, block_size, kv_heads, head_dim]
             chunk = common_pb2.KVChunk(
