@@ -211,14 +211,15 @@ def raw_nccl(device: torch.device, peer_device: str, nbytes: int, iters: int) ->
     try:
         import concurrent.futures
 
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            future = pool.submit(nccl.init_rank, uid, 0, device)
-            try:
-                comm = future.result(timeout=20)
-            except Exception as exc:
-                child.kill()
-                out = child.communicate(timeout=10)[0]
-                return {"error": f"{type(exc).__name__}: {exc}", "peer_output": out[-2000:]}
+        pool = concurrent.futures.ThreadPoolExecutor(1)  # not joined: an init that hangs is left behind (os._exit)
+        future = pool.submit(nccl.init_rank, uid, 0, device)
+        pool.shutdown(wait=False)
+        try:
+            comm = future.result(timeout=10)
+        except Exception as exc:
+            child.kill()
+            out = child.communicate(timeout=10)[0]
+            return {"error": f"{type(exc).__name__}: {exc}", "peer_output": out[-2000:]}
         buffer, stream = torch.empty(nbytes, dtype=torch.uint8, device=device), torch.cuda.Stream(device)
         seconds = timed_cuda(lambda: _nccl_send(nccl, comm, buffer, stream), iters)
         child.wait(timeout=60)
@@ -264,10 +265,10 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
     if "nccl" in transports:
         from stageserve.transport.nccl import NcclKVSender
 
-        nccl = NcclKVSender(channels, device, connect_timeout_s=15)
+        nccl = NcclKVSender(channels, device, connect_timeout_s=10)
         senders["nccl"] = {True: nccl}
     stages = Stages(decode_address, decode_address)
-    rows, rng = [], random.Random(0)
+    rows, rng, failed = [], random.Random(0), {}  # a transport that failed once (NCCL on one GPU) is not retried
     for tokens in sizes:
         blocks = -(-tokens // BLOCK)
         nbytes = blocks * layout.num_layers * layout.bytes_per_block_layer
@@ -285,6 +286,9 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
         for name, by_push in senders.items():
             for push, sender in by_push.items():
                 key = f"{name}/{'layer' if push else 'request'}"
+                if name in failed:
+                    row[key] = {"error": f"not run: failed at {failed[name]}"}
+                    continue
                 try:
                     times = []
                     runs = 1 if name == "host" and nbytes > (256 << 20) else 3
@@ -302,9 +306,12 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
                     row[key] = {"gb_s": nbytes / seconds / 1e9, "ms": seconds * 1e3, "checked": True}
                 except Exception as exc:  # e.g. NCCL refusing two ranks on one GPU: say so, keep going
                     row[key] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        if device.type == "cuda":
+                    failed[name] = f"{tokens} tokens"
+        if device.type == "cuda" and "raw_nccl" not in failed:
             peer = "cuda:1" if args.two_gpus else str(device)
             row["raw_nccl"] = raw_nccl(device, peer, nbytes, 3 if nbytes > (512 << 20) else 10)
+            if "error" in row["raw_nccl"]:
+                failed["raw_nccl"] = f"{tokens} tokens"
         rows.append(row)
         print(json.dumps(row), flush=True)
     await stages.close()
@@ -397,12 +404,15 @@ def main() -> None:
               "args": {k: str(v) for k, v in vars(args).items() if not k.startswith("peer") and k != "nccl_peer"}}
     parts = args.parts.split(",")
     started = time.monotonic()
-    engine_config = EngineConfig(device=str(device), num_blocks=1024, max_num_batched_tokens=8192 if gpu else 512)
+    # Graphs only up to batch 8 everywhere: the runs here are batch 1, and capture time is budget.
+    engine_config = EngineConfig(device=str(device), num_blocks=1024, max_num_batched_tokens=8192 if gpu else 512,
+                                 max_graph_batch_size=8)
+    graphs = ("--engine-max-graph-batch-size", "8")
 
     if "c" in parts:
         cluster = launch([
-            ServiceSpec("prefill-0", "prefill", args=engine_args(small, 1024, str(device), "--kv-transport", kv)),
-            ServiceSpec("decode-0", "decode", args=engine_args(small, 1024, decode_device, "--kv-transport", kv)),
+            ServiceSpec("prefill-0", "prefill", args=engine_args(small, 1024, str(device), "--kv-transport", kv, *graphs)),
+            ServiceSpec("decode-0", "decode", args=engine_args(small, 1024, decode_device, "--kv-transport", kv, *graphs)),
         ], log)
         try:
             colocated = create_engine(small, engine_config)
@@ -420,7 +430,7 @@ def main() -> None:
         big_args = ("--engine-max-num-batched-tokens", str(engine_config.max_num_batched_tokens))
         cluster = launch([
             ServiceSpec("decode-0", "decode", args=engine_args(big, 640, decode_device, "--kv-transport", "auto",
-                                                               "--engine-max-graph-batch-size", "8", *big_args)),
+                                                               *graphs, *big_args)),
             ServiceSpec("prefill-0", "prefill", args=engine_args(big, 640, str(device), "--no-first-token-before-kv",
                                                                  "--no-engine-cuda-graphs", *big_args)),
             ServiceSpec("prefill-1", "prefill", args=engine_args(big, 640, str(device), "--no-first-token-before-kv",
