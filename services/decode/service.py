@@ -30,7 +30,7 @@ from stageserve.common.convert import (
 from stageserve.common import tracing
 from stageserve.common.metrics import Metrics
 from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
-from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError
+from stageserve.common.errors import DataLossError, DeadlineExceededError, InvalidArgumentError, NotFoundError
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.engine.engine import RequestOutput
 from stageserve.engine.worker import EngineWorker
@@ -123,6 +123,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidArgumentError("lease_ms", f"longer than the reservation TTL ({self.ttl_s:g} s)")
         self.table.claim(request.reservation_id, lease_s)
         return decode_pb2.ClaimKVResponse(reservation_id=request.reservation_id)
+
+    async def AbortKV(self, request, context):
+        try:
+            reservation = self.table.get(request.reservation_id, "reservation_id")
+        except (InvalidArgumentError, DataLossError, NotFoundError):  # already ended, or never existed
+            return decode_pb2.AbortKVResponse(found=False)
+        reason = f"the sender gave up: {request.reason[:500] or 'no reason given'}"
+        found = await self.table.end(reservation, TransferState.ABORTED, reason)
+        await self.table.writer_done(reservation)  # only the writer sends this, after its copies are over
+        return decode_pb2.AbortKVResponse(found=found)
 
     async def ConnectKV(self, request, context):
         if self.nccl is None:

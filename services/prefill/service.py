@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import grpc
 
 from stageserve.common.convert import (
     check_token_ids,
@@ -40,11 +41,11 @@ from stageserve.engine.worker import EngineWorker
 from stageserve.engine.engine import RequestOutput
 from stageserve.sample.params import SamplingParams
 from stageserve.sample.sampler import SampledToken
-from stageserve.transport.base import KVDescriptor, KVSender, KVSource, LayerFeed
+from stageserve.transport.base import KVDescriptor, KVSender, KVSource, LayerFeed, TransportUnusable
 from stageserve.transport.host import DEFAULT_MAX_CHUNK_BYTES, HostKVSender, channel_cache
 from stageserve.transport.lifecycle import LeaseState, LeaseTable
 from stageserve.transport.select import TransportChoice, host_id, served_transports
-from stageserve.v1 import prefill_pb2, prefill_pb2_grpc
+from stageserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(
         self, worker: EngineWorker, senders: dict[str, KVSender], kv_timeout_s: float, background: bool = True,
         metrics: Metrics | None = None, device_checksum: bool = False, layer_push: bool = True,
+        channels=None,
     ):
         self.worker, self.senders, self.kv_timeout_s = worker, senders, kv_timeout_s
+        self.channels = channels or channel_cache()  # address -> channel, shared with the senders
         self.metrics = metrics or Metrics()
         self.background = background
         self.transfers: dict[str, asyncio.Task] = {}  # request id -> KV push still under way
@@ -214,7 +217,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self.leases.sending(lease)
             source = dataclasses.replace(self.source, feed=feed)
             with tracing.span("kv_transfer", {"stageserve.request_id": req.request_id}, kind="client") as s:
-                stats = await sender.send(descriptor, src, source, self.kv_timeout_s)
+                try:
+                    stats = await sender.send(descriptor, src, source, self.kv_timeout_s)
+                except TransportUnusable as exc:  # nothing was written: every decode worker also takes host
+                    logger.warning("%s: %s; sending over host instead", req.request_id, exc)
+                    stats = await self.senders["host"].send(descriptor, src, source, self.kv_timeout_s)
                 s.set_attributes({
                     "stageserve.kv.transport": stats.transport, "stageserve.kv.bytes": stats.num_bytes,
                     "stageserve.kv.blocks": stats.num_blocks, "stageserve.kv.layers": stats.num_layers,
@@ -227,15 +234,26 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             state, reason = LeaseState.SENT, None
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # grpc errors, timeouts: the request fails at decode's Attach
+        except Exception as exc:  # grpc errors, timeouts: tell decode, whose Attach then fails at once
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("%s: KV transfer to %s failed: %s", req.request_id, req.target_address, exc)
+            if lease is not None:
+                await asyncio.shield(self._abort_at_decode(req, reason))
             if not self.background:
                 raise
         finally:
             if lease is not None:
                 self.leases.close(lease, state, reason)
             await asyncio.shield(self._release_after(req.request_id, computed))
+
+    async def _abort_at_decode(self, req: PrefillInput, reason: str) -> None:
+        """Best effort, bounded: a decode worker that is gone frees the reservation by its TTL instead."""
+        stub = decode_pb2_grpc.DecodeStub(self.channels(req.target_address))
+        try:
+            pb = decode_pb2.AbortKVRequest(reservation_id=req.descriptor.reservation_id, reason=reason[:500])
+            await stub.AbortKV(pb, timeout=1.0, metadata=tracing.outgoing_metadata())
+        except grpc.aio.AioRpcError as exc:
+            logger.info("%s: could not tell decode the transfer failed: %s", req.request_id, exc.code().name)
 
     async def _release_after(self, request_id: str, computed: asyncio.Event) -> None:
         await computed.wait()  # until then the blocks belong to the running prompt, not to us
@@ -258,8 +276,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillStatsResponse(pool=pool)
 
 
-def make_senders(config: PrefillServiceConfig, device) -> dict[str, KVSender]:
-    channels = channel_cache()
+def make_senders(config: PrefillServiceConfig, device, channels) -> dict[str, KVSender]:
     senders: dict[str, KVSender] = {}
     for name in served_transports(config.kv_transport, device):
         if name == "cuda-ipc":
@@ -277,12 +294,13 @@ def make_senders(config: PrefillServiceConfig, device) -> dict[str, KVSender]:
 
 async def start(config: PrefillServiceConfig, worker: EngineWorker | None = None) -> tuple[ServerHandle, EngineWorker]:
     worker = worker or await start_worker(config)
-    senders = make_senders(config, worker.engine.device)
+    channels = channel_cache()
+    senders = make_senders(config, worker.engine.device, channels)
     metrics = Metrics()
     metrics.watch_engine(worker.engine.stats)
     metrics.watch_gpu()
     servicer = PrefillServicer(worker, senders, config.kv_timeout_s, config.first_token_before_kv, metrics,
-                               config.kv_device_checksum, config.kv_layer_push)
+                               config.kv_device_checksum, config.kv_layer_push, channels)
     handle = await create_server(config.server, [servicer], metrics=metrics)
     await handle.set_ready(True)
     logger.info("prefill serving on %s (kv transports %s)", handle.address, ", ".join(senders))

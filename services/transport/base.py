@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stageserve.common.errors import InvalidArgumentError
+from stageserve.common.errors import InvalidArgumentError, UnavailableError
 from stageserve.v1 import common_pb2
 
 _DTYPES = {
@@ -183,6 +183,10 @@ class KVSource:
             event = await self.feed.ready(layer)
             if event is not None:
                 torch.cuda.current_stream(self.pool.device).wait_event(event)
+
+
+class TransportUnusable(UnavailableError):
+    """The transport cannot reach this receiver at all (nothing was written): the caller may use host."""
 
 
 class KVSender(abc.ABC):

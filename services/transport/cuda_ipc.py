@@ -28,8 +28,16 @@ from dataclasses import dataclass
 import torch
 
 from stageserve.common import tracing
-from stageserve.common.errors import InvalidArgumentError, UnavailableError
-from stageserve.transport.base import KVDescriptor, KVLayout, KVSender, KVSource, TransferStats, dtype_to_pb
+from stageserve.common.errors import InvalidArgumentError
+from stageserve.transport.base import (
+    KVDescriptor,
+    KVLayout,
+    KVSender,
+    KVSource,
+    TransferStats,
+    TransportUnusable,
+    dtype_to_pb,
+)
 from stageserve.transport.checksum import page_checksum
 from stageserve.transport.select import host_id
 from stageserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
@@ -206,6 +214,7 @@ class CudaIpcKVSender(KVSender):
         self.runtime: CudaRuntime | None = None
         self.stream: torch.cuda.Stream | None = None
         self.pools: dict[str, torch.Tensor] = {}  # pool_id -> a view of that decode worker's pool
+        self.unusable: dict[str, str] = {}  # pool_id -> why it could not be mapped
 
     def _pool(self, ipc: IpcPool, layout: KVLayout) -> torch.Tensor:
         view = self.pools.get(ipc.pool_id)
@@ -229,7 +238,7 @@ class CudaIpcKVSender(KVSender):
             raise InvalidArgumentError("kv.cuda_ipc", "missing from a cuda-ipc descriptor")
         ipc = IpcPool.from_pb(descriptor.cuda_ipc, layout)
         if ipc.host_id != host_id():
-            raise UnavailableError(f"cuda-ipc: decode runs on host {ipc.host_id!r}, not this one")
+            raise TransportUnusable(f"cuda-ipc: decode runs on host {ipc.host_id!r}, not this one")
         if len(src_block_ids) != len(descriptor.block_ids):
             raise InvalidArgumentError("kv.block_ids", f"{len(descriptor.block_ids)} blocks reserved, {len(src_block_ids)} to send")
         if any(not 0 <= b < ipc.num_blocks for b in descriptor.block_ids) or len(set(descriptor.block_ids)) != len(descriptor.block_ids):
@@ -237,7 +246,14 @@ class CudaIpcKVSender(KVSender):
         pool = source.pool
         if pool is None or pool.dtype != layout.dtype or tuple(pool.shape) != (layout.num_layers, *layout.page_shape(pool.shape[2])):
             raise InvalidArgumentError("kv.layout", "the local pool does not have the descriptor's layout")
-        dst = self._pool(ipc, layout)
+        if ipc.pool_id in self.unusable:
+            raise TransportUnusable(f"cuda-ipc: {self.unusable[ipc.pool_id]}")
+        try:
+            dst = self._pool(ipc, layout)
+        except (RuntimeError, OSError) as exc:  # e.g. a sandbox without CUDA IPC: say why once, then use host
+            self.unusable[ipc.pool_id] = f"cannot map decode's pool: {exc}"
+            logger.warning("cuda-ipc: %s; this decode worker gets the host transport from now on", self.unusable[ipc.pool_id])
+            raise TransportUnusable(f"cuda-ipc: {self.unusable[ipc.pool_id]}") from exc
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
         stats = TransferStats(self.name, num_blocks=len(src_block_ids), num_layers=layout.num_layers,
@@ -247,7 +263,11 @@ class CudaIpcKVSender(KVSender):
         claim = decode_pb2.ClaimKVRequest(reservation_id=descriptor.reservation_id, lease_ms=int(self.claim_s * 1000))
         await stub.ClaimKV(claim, timeout=min(timeout_s, self.claim_s), metadata=tracing.outgoing_metadata())
         chunks = self._copy_and_notify(descriptor, src_block_ids, source, dst, stats)
-        response = await stub.PushKV(chunks, timeout=timeout_s, metadata=tracing.outgoing_metadata())
+        try:
+            response = await stub.PushKV(chunks, timeout=timeout_s, metadata=tracing.outgoing_metadata())
+        except BaseException:
+            self.stream.synchronize()  # our copies are over before the caller tells decode to let the blocks go
+            raise
         stats.seconds = time.monotonic() - start
         if response.num_chunks != stats.num_chunks:
             raise RuntimeError(f"receiver acknowledged {response.num_chunks} chunks of {stats.num_chunks}")

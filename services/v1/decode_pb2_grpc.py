@@ -71,6 +71,11 @@ class DecodeStub:
                 request_serializer=stageserve_dot_v1_dot_decode__pb2.ClaimKVRequest.SerializeToString,
                 response_deserializer=stageserve_dot_v1_dot_decode__pb2.ClaimKVResponse.FromString,
                 _registered_method=True)
+        self.AbortKV = channel.unary_unary(
+                '/stageserve.v1.Decode/AbortKV',
+                request_serializer=stageserve_dot_v1_dot_decode__pb2.AbortKVRequest.SerializeToString,
+                response_deserializer=stageserve_dot_v1_dot_decode__pb2.AbortKVResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -129,6 +134,14 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AbortKV(self, request, context):
+        """The sender gives up on a transfer (it failed on its side, its copies are over): the reservation ends
+        at once and a waiting Attach fails with `reason`, instead of waiting for pages that will never come.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +179,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.ClaimKV,
                     request_deserializer=stageserve_dot_v1_dot_decode__pb2.ClaimKVRequest.FromString,
                     response_serializer=stageserve_dot_v1_dot_decode__pb2.ClaimKVResponse.SerializeToString,
+            ),
+            'AbortKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortKV,
+                    request_deserializer=stageserve_dot_v1_dot_decode__pb2.AbortKVRequest.FromString,
+                    response_serializer=stageserve_dot_v1_dot_decode__pb2.AbortKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +376,33 @@ class Decode:
             '/stageserve.v1.Decode/ClaimKV',
             stageserve_dot_v1_dot_decode__pb2.ClaimKVRequest.SerializeToString,
             stageserve_dot_v1_dot_decode__pb2.ClaimKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stageserve.v1.Decode/AbortKV',
+            stageserve_dot_v1_dot_decode__pb2.AbortKVRequest.SerializeToString,
+            stageserve_dot_v1_dot_decode__pb2.AbortKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

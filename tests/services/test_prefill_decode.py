@@ -16,6 +16,7 @@ from stageserve.engine.worker import EngineWorker
 from stageserve.prefill.service import PrefillServiceConfig
 from stageserve.prefill.service import start as start_prefill
 from stageserve.sample.params import SamplingParams
+from stageserve.transport.host import HostKVSender
 from stageserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -264,3 +265,29 @@ def test_attach_fails_fast_after_a_corrupt_transfer(engines):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "KV transfer failed" in err.details()
     assert elapsed < 5
     assert free == (128, 128)
+
+
+def test_a_transfer_that_fails_at_the_sender_fails_attach_at_once(engines, tokenizer, monkeypatch):
+    prefill_engine, decode_engine, _ = engines
+    prompt = tokenizer.encode("The sender of this prompt is about to fail")
+
+    async def broken_send(self, descriptor, src, source, timeout_s):
+        raise RuntimeError("the pool could not be read")
+
+    monkeypatch.setattr(HostKVSender, "send", broken_send)
+
+    async def main():
+        async with Split() as split:
+            await split.start(prefill_engine, decode_engine, kv_wait_timeout_s=30)
+            start = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await split.generate("s", prompt, GREEDY)
+            elapsed = asyncio.get_running_loop().time() - start
+            await split.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id="s"))
+            return err.value, elapsed, await split.free_blocks(), await split.leases()
+
+    err, elapsed, free, leases = run(main())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the sender gave up: RuntimeError: the pool could not be read" in err.details()
+    assert elapsed < 10  # not decode's 30 s wait
+    assert free == (128, 128) and leases == (0, 0)
