@@ -208,22 +208,27 @@ class CudaIpcKVSender(KVSender):
 
     def __init__(self, channel_for: callable, device: torch.device, layer_push: bool = True, claim_s: float = 5.0):
         self.channel_for = channel_for
-        self.device = device
+        self.device = device if device.index is not None else torch.device(device.type, torch.cuda.current_device())
         self.claim_s = claim_s  # longest our copies may take; decode frees the blocks after it whatever happens
         self.layer_push = layer_push  # one copy and notice per layer (pipelined) vs one copy for every layer
         self.runtime: CudaRuntime | None = None
         self.stream: torch.cuda.Stream | None = None
         self.pools: dict[str, torch.Tensor] = {}  # pool_id -> a view of that decode worker's pool
         self.unusable: dict[str, str] = {}  # pool_id -> why it could not be mapped
+        self.peer_streams: dict[torch.device, torch.cuda.Stream] = {}  # for pools on a peer GPU
 
     def _pool(self, ipc: IpcPool, layout: KVLayout) -> torch.Tensor:
         view = self.pools.get(ipc.pool_id)
         if view is None:
             if self.runtime is None:
                 self.runtime = CudaRuntime()
-            device = self.device.index or 0
-            pointer = self.runtime.open_handle(device, ipc.handle)
-            raw = torch.as_tensor(_DevicePointer(pointer, ipc.allocation_bytes), device=self.device)
+            # Mapped in the owning GPU's context (both processes number GPUs alike: same host, same
+            # CUDA_VISIBLE_DEVICES), so the scatter runs there; a peer pool gets a peer-to-peer copy first.
+            if not 0 <= ipc.device_index < torch.cuda.device_count():
+                raise InvalidArgumentError("kv.cuda_ipc.device_index", f"{ipc.device_index} is not a GPU of this process")
+            owner = torch.device("cuda", ipc.device_index)
+            pointer = self.runtime.open_handle(ipc.device_index, ipc.handle)
+            raw = torch.as_tensor(_DevicePointer(pointer, ipc.allocation_bytes), device=owner)
             shape = (layout.num_layers, *layout.page_shape(ipc.num_blocks))
             nbytes = ipc.layer_stride_bytes * layout.num_layers
             view = raw[ipc.base_offset : ipc.base_offset + nbytes].view(layout.dtype).view(shape)
@@ -265,8 +270,9 @@ class CudaIpcKVSender(KVSender):
         chunks = self._copy_and_notify(descriptor, src_block_ids, source, dst, stats)
         try:
             response = await stub.PushKV(chunks, timeout=timeout_s, metadata=tracing.outgoing_metadata())
-        except BaseException:
-            self.stream.synchronize()  # our copies are over before the caller tells decode to let the blocks go
+        except BaseException:  # our copies are over before the caller tells decode to let the blocks go
+            for peer in (self.stream, *self.peer_streams.values()):
+                peer.synchronize()
             raise
         stats.seconds = time.monotonic() - start
         if response.num_chunks != stats.num_chunks:
@@ -288,20 +294,31 @@ class CudaIpcKVSender(KVSender):
                 if source.feed is not None:  # still computing: copy each layer as soon as its forward is queued
                     for layer in layers:
                         stream.wait_event(await source.feed.ready(layer))
-                    event = self._copy(source, dst, src_ids, dst_ids, layers)
+                    event, _alive = self._copy(source, dst, src_ids, dst_ids, layers)
                 else:
-                    event = done[i]
+                    event, _alive = done[i]
                 await asyncio.to_thread(event.synchronize)
                 for chunk in self._notices(descriptor, src, source, src_ids, layers, stats):
                     yield chunk
         finally:  # cancelled or failed midway: our copies still finish before the claim is let go
-            stream.synchronize()
+            for peer in (stream, *self.peer_streams.values()):
+                peer.synchronize()
 
-    def _copy(self, source: KVSource, dst, src_ids, dst_ids, layers: list[int]) -> torch.cuda.Event:
+    def _copy(self, source: KVSource, dst, src_ids, dst_ids, layers: list[int]) -> tuple[torch.cuda.Event, object]:
+        """Queue the copy of `layers`; returns the event after it and what must stay alive until then."""
+        first, last = layers[0], layers[-1] + 1
         with torch.cuda.stream(self.stream):
-            first, last = layers[0], layers[-1] + 1
-            copy_blocks(source.pool[first:last], dst[first:last], src_ids, dst_ids)
-            return self.stream.record_event()
+            if dst.device == self.device:
+                copy_blocks(source.pool[first:last], dst[first:last], src_ids, dst_ids)
+                return self.stream.record_event(), None
+            pages = source.pool[first:last].index_select(2, src_ids)  # [layers, 2, n, block_size, heads, dim]
+            gathered = self.stream.record_event()
+        peer = self.peer_streams.setdefault(dst.device, torch.cuda.Stream(dst.device))
+        with torch.cuda.device(dst.device), torch.cuda.stream(peer):
+            peer.wait_event(gathered)
+            moved = pages.to(dst.device, non_blocking=True)  # one peer-to-peer copy, then the scatter there
+            dst[first:last].index_copy_(2, dst_ids.to(dst.device, non_blocking=True), moved)
+            return peer.record_event(), (pages, moved)
 
     def _notices(self, descriptor, src, source, src_ids, layers, stats) -> list[common_pb2.KVChunk]:
         layout, chunks = descriptor.layout, []
