@@ -381,7 +381,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, seconds")
     parser.add_argument("--two-gpus", action="store_true", help="decode on cuda:1, prefill and this process on cuda:0")
     parser.add_argument("--parts", default="c,a,b")
-    parser.add_argument("--storm", type=int, default=200)
+    parser.add_argument("--storm", type=int, default=None, help="requests in the cancellation storm (200; 20 with --smoke)")
     parser.add_argument("--nccl-peer", help=argparse.SUPPRESS)
     parser.add_argument("--peer-device", help=argparse.SUPPRESS)
     parser.add_argument("--peer-bytes", type=int, help=argparse.SUPPRESS)
@@ -415,9 +415,10 @@ def main() -> None:
             ServiceSpec("decode-0", "decode", args=engine_args(small, 1024, decode_device, "--kv-transport", kv, *graphs)),
         ], log)
         try:
-            colocated = create_engine(small, engine_config)
+            # The services' default chunk size, so the colocated engine computes exactly what they compute.
+            colocated = create_engine(small, EngineConfig(device=str(device), num_blocks=1024, max_graph_batch_size=8))
             colocated.warmup()
-            result = asyncio.run(parity_and_storm(cluster.address("prefill-0"), cluster.address("decode-0"), colocated, colocated.model_config.vocab_size, args.storm if gpu else 20, 0))
+            result = asyncio.run(parity_and_storm(cluster.address("prefill-0"), cluster.address("decode-0"), colocated, colocated.model_config.vocab_size, args.storm or (200 if gpu else 20), 0))
             report["parity_and_storm"] = {"model": small, "transport": kv, **result}
             print(f"(c) {small} over {kv}: greedy parity {result['parity']}; {result['storm_requests']} requests with "
                   f"random cancels {result['storm_outcomes']} in {result['storm_s']:.1f} s; pools clean "
