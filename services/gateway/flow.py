@@ -98,7 +98,7 @@ class RequestFlow:
                 prompt = await self._tokenize()
                 text = TextStream(prompt, self.request.params.stop, self.request.skip_special_tokens, self._detokenize)
                 prefill = self.router.prefills.choose()
-                descriptor = await self._reserve(len(prompt), peer_id=prefill.address)
+                descriptor = await self._reserve(len(prompt), prefill)
                 with self.router.decodes.track(self.decode):  # decode's load: the whole request, not one call
                     async for message in self._stream(prompt, text, prefill, descriptor):
                         yield message
@@ -182,13 +182,16 @@ class RequestFlow:
             reply = await self._call(self.router.tokenizers, detokenize, RETRY_ELSEWHERE)
         return reply.text, reply.prefix_offset, reply.read_offset
 
-    async def _reserve(self, num_tokens: int, peer_id: str) -> common_pb2.KVTransferDescriptor:
-        """Reserve on the decode worker with the most headroom; a full or unreachable one passes to the next."""
+    async def _reserve(self, num_tokens: int, prefill: Worker) -> common_pb2.KVTransferDescriptor:
+        """Reserve on the decode worker with the most headroom; a full or unreachable one passes to the next.
+        Decode picks the KV transport from what `prefill` can send (cuda-ipc only if on the same host)."""
         pb = decode_pb2.ReserveRequest(
             request_id=self.request.request_id,
             num_tokens=num_tokens,
             sampling_params=self.request.sampling_params_pb(),
-            peer_id=peer_id,
+            peer_id=prefill.address,
+            transports=prefill.kv_transports,
+            peer_host_id=prefill.host_id,
         )
 
         async def reserve(worker: Worker) -> decode_pb2.ReserveResponse:
@@ -270,7 +273,7 @@ class RequestFlow:
                                self.config.kv_retries)
                 self.span.add_event("kv_retry", {"stageserve.reason": str(exc)})
             self.attach = None
-            descriptor = await self._reserve(len(prompt), peer_id=prefill.address)
+            descriptor = await self._reserve(len(prompt), prefill)
             await self._prefill(prompt, prefill, descriptor)  # its first token is dropped: the client has ours
         raise AssertionError("unreachable")
 

@@ -116,6 +116,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.background = background
         self.transfers: dict[str, asyncio.Task] = {}  # request id -> KV push still under way
         self.leases = LeaseTable()
+        self.fallbacks: set[str] = set()  # decode addresses we had to send over host instead
         self.engine = worker.engine
         self.layout = kv_layout(self.engine)
         self.source = KVSource(self._read_layer, self.engine.runner.kv_pool, device_checksum)
@@ -197,8 +198,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         same_host = d.cuda_ipc is None or d.cuda_ipc.host_id == host_id()
         if sender is not None and (d.transport != "cuda-ipc" or same_host):
             return sender
-        logger.warning("kv transport %s unusable for decode at %s (%s); sending over host", d.transport, d.address,
-                       "another host" if not same_host else "not served here")
+        if d.address not in self.fallbacks:  # once per decode worker: the gateway normally prevents this
+            self.fallbacks.add(d.address)
+            logger.warning("kv transport %s unusable for decode at %s (%s); sending over host", d.transport, d.address,
+                           "another host" if not same_host else "not served here")
         return self.senders["host"]
 
     async def _transfer(self, req: PrefillInput, feed: LayerFeed | None, computed: asyncio.Event) -> None:
@@ -273,7 +276,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Stats(self, request, context):
         pool = await self.worker.call(pool_stats_pb)
         pool.active_leases, pool.transfer_blocks = len(self.leases), self.leases.num_blocks
-        return prefill_pb2.PrefillStatsResponse(pool=pool)
+        return prefill_pb2.PrefillStatsResponse(pool=pool, host_id=host_id(), kv_transports=list(self.senders))
 
 
 def make_senders(config: PrefillServiceConfig, device, channels) -> dict[str, KVSender]:

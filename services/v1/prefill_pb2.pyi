@@ -50,10 +50,14 @@ class PrefillStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PrefillStatsResponse(_message.Message):
-    __slots__ = ("pool",)
+    __slots__ = ("pool", "host_id", "kv_transports")
     POOL_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     pool: _common_pb2.KVPoolStats
-    def __init__(self, pool: _Optional[_Union[_common_pb2.KVPoolStats, _Mapping]] = ...) -> None: ...
+    host_id: str
+    kv_transports: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pool: _Optional[_Union[_common_pb2.KVPoolStats, _Mapping]] = ..., host_id: _Optional[str] = ..., kv_transports: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrefillCancelRequest(_message.Message):
     __slots__ = ("request_id",)
