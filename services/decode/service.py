@@ -70,7 +70,7 @@ def tokens_pb(outputs: list[RequestOutput]) -> list:
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(
         self, worker: EngineWorker, reservation_ttl_s: float, kv_wait_timeout_s: float = 30.0,
-        metrics: Metrics | None = None, transports: tuple[str, ...] = ("host",),
+        metrics: Metrics | None = None, transports: tuple[str, ...] = ("host",), strict: bool = False,
     ):
         self.worker, self.engine = worker, worker.engine
         self.metrics = metrics or Metrics()
@@ -83,15 +83,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.ipc_pool = None  # cuda_ipc.IpcPool, exported once when cuda-ipc is served
         self.nccl = None  # nccl.NcclEndpoint when nccl is served
         if "cuda-ipc" in transports:
-            from stageserve.transport.cuda_ipc import export_pool
-
-            self.ipc_pool = export_pool(self.engine.runner.kv_pool).to_pb()
+            self.ipc_pool = self._set_up("cuda-ipc", strict, self._export_pool)
         if "nccl" in transports:
             from stageserve.transport.nccl import NcclEndpoint
 
-            self.nccl = NcclEndpoint(self.engine.device)
+            self.nccl = self._set_up("nccl", strict, lambda: NcclEndpoint(self.engine.device))
         self.landing = KVLanding(self.engine.runner, self.layout, self.nccl, kv_wait_timeout_s)
         self.reaper: asyncio.Task | None = None
+
+    def _export_pool(self):
+        from stageserve.transport.cuda_ipc import export_pool
+
+        return export_pool(self.engine.runner.kv_pool).to_pb()
+
+    def _set_up(self, name: str, strict: bool, make):
+        """A GPU transport's one-time set-up. Failing, it is an error if asked for by name; under auto the
+        worker serves the others and says why."""
+        try:
+            return make()
+        except (RuntimeError, OSError, ValueError) as exc:
+            if strict:
+                raise InvalidArgumentError("kv_transport", f"{name} cannot start on this machine: {exc}") from exc
+            logger.warning("kv transport %s unavailable here (%s); serving %s", name, exc,
+                           ", ".join(t for t in self.transports if t != name))
+            self.transports = tuple(t for t in self.transports if t != name)
+            return None
 
     async def Reserve(self, request, context):
         if not request.request_id:
@@ -210,13 +226,14 @@ async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None)
     metrics.watch_engine(worker.engine.stats)
     metrics.watch_gpu()
     transports = served_transports(config.kv_transport, worker.engine.device)
-    servicer = DecodeServicer(worker, config.reservation_ttl_s, config.kv_wait_timeout_s, metrics, transports)
+    servicer = DecodeServicer(worker, config.reservation_ttl_s, config.kv_wait_timeout_s, metrics, transports,
+                              strict=config.kv_transport != "auto")
     handle = await create_server(config.server, [servicer], metrics=metrics)
     servicer.address = config.advertise_address or handle.address
     servicer.reaper = asyncio.create_task(servicer.reap_expired())
     await handle.set_ready(True)
     logger.info("decode serving on %s (sampler %s, kv transports %s)", handle.address,
-                config.sample_address or "in-process", ", ".join(transports))
+                config.sample_address or "in-process", ", ".join(servicer.transports))
     return handle, worker
 
 

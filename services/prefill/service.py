@@ -289,7 +289,12 @@ def make_senders(config: PrefillServiceConfig, device, channels) -> dict[str, KV
         elif name == "nccl":
             from stageserve.transport.nccl import NcclKVSender
 
-            senders[name] = NcclKVSender(channels, device)
+            try:
+                senders[name] = NcclKVSender(channels, device)
+            except (RuntimeError, OSError) as exc:  # libnccl found but not loadable
+                if config.kv_transport != "auto":
+                    raise InvalidArgumentError("kv_transport", f"nccl cannot start on this machine: {exc}") from exc
+                logger.warning("kv transport nccl unavailable here (%s)", exc)
         else:
             senders[name] = HostKVSender(channels, config.kv_chunk_bytes, config.kv_checksum, config.kv_layer_push)
     return senders

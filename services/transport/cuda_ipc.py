@@ -191,7 +191,9 @@ class _DevicePointer:
     """A raw device allocation seen as a uint8 array, for torch.as_tensor (`__cuda_array_interface__`)."""
 
     def __init__(self, pointer: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (pointer, False), "version": 2}
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (pointer, False), "strides": None, "version": 2,
+        }
 
 
 def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
@@ -227,8 +229,11 @@ class CudaIpcKVSender(KVSender):
             if not 0 <= ipc.device_index < torch.cuda.device_count():
                 raise InvalidArgumentError("kv.cuda_ipc.device_index", f"{ipc.device_index} is not a GPU of this process")
             owner = torch.device("cuda", ipc.device_index)
-            pointer = self.runtime.open_handle(ipc.device_index, ipc.handle)
-            raw = torch.as_tensor(_DevicePointer(pointer, ipc.allocation_bytes), device=owner)
+            with torch.cuda.device(owner):  # cudaSetDevice inside must not change this thread's device
+                pointer = self.runtime.open_handle(ipc.device_index, ipc.handle)
+                raw = torch.as_tensor(_DevicePointer(pointer, ipc.allocation_bytes), device=owner)
+            if raw.data_ptr() != pointer or raw.device != owner:  # a copy would swallow every write
+                raise RuntimeError(f"the mapped pool came back as a tensor at {raw.data_ptr():#x} on {raw.device}")
             shape = (layout.num_layers, *layout.page_shape(ipc.num_blocks))
             nbytes = ipc.layer_stride_bytes * layout.num_layers
             view = raw[ipc.base_offset : ipc.base_offset + nbytes].view(layout.dtype).view(shape)

@@ -108,3 +108,18 @@ def test_handles_and_unique_ids_keep_every_byte_through_ctypes():
         assert struct_to_bytes(struct_from_bytes(kind, data)) == data
         with pytest.raises(ValueError):
             struct_from_bytes(kind, data[:-1])
+
+
+def test_decode_drops_a_gpu_transport_it_cannot_set_up_under_auto_and_refuses_it_by_name(caplog):
+    from stageserve.decode.service import DecodeServicer
+    from stageserve.engine.config import EngineConfig
+    from stageserve.engine.factory import create_engine
+    from stageserve.engine.worker import EngineWorker
+
+    worker = EngineWorker(create_engine("dummy:tiny", EngineConfig(device="cpu", num_blocks=16)))
+    with caplog.at_level(logging.WARNING):
+        servicer = DecodeServicer(worker, 30.0, transports=("cuda-ipc", "host"), strict=False)
+    assert servicer.transports == ("host",) and servicer.ipc_pool is None
+    assert "cuda-ipc unavailable here" in caplog.text
+    with pytest.raises(InvalidArgumentError, match="kv_transport: cuda-ipc cannot start on this machine"):
+        DecodeServicer(worker, 30.0, transports=("cuda-ipc", "host"), strict=True)
