@@ -280,9 +280,12 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
         other = torch.empty_like(pool)
         src_t = torch.tensor(src_ids, device=device)
         dst_t = torch.arange(blocks, device=device)
-        gather = timed_cuda(lambda: copy_blocks(pool, other, src_t, dst_t), reps)
+        one_pass = timed_cuda(lambda: copy_blocks(pool, other, src_t, dst_t), reps)  # the Triton kernel on a GPU
+        dim = pool.dim() - 4
+        two_pass = timed_cuda(lambda: other.index_copy_(dim, dst_t, pool.index_select(dim, src_t)), reps)
         del flat_a, flat_b, other
-        row = {"tokens": tokens, "bytes": nbytes, "raw_copy_gb_s": nbytes / raw / 1e9, "gather_scatter_gb_s": nbytes / gather / 1e9}
+        row = {"tokens": tokens, "bytes": nbytes, "raw_copy_gb_s": nbytes / raw / 1e9,
+               "block_copy_gb_s": nbytes / one_pass / 1e9, "gather_scatter_gb_s": nbytes / two_pass / 1e9}
         for name, by_push in senders.items():
             for push, sender in by_push.items():
                 key = f"{name}/{'layer' if push else 'request'}"
@@ -290,7 +293,7 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
                     row[key] = {"error": f"not run: failed at {failed[name]}"}
                     continue
                 try:
-                    times = []
+                    times, device_times = [], []
                     runs = 1 if name == "host" and nbytes > (256 << 20) else 3
                     for rep in range(runs + 1):  # the first is checked (device checksum) and not timed
                         rid = f"bw-{key}-{tokens}-{rep}"
@@ -299,11 +302,14 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
                         descriptor = KVDescriptor(**{**descriptor.__dict__, "address": decode_address})
                         source = KVSource(read_layer, pool, device_checksum=rep == 0)
                         start = time.perf_counter()
-                        await sender.send(descriptor, src_ids, source, timeout_s=60)
+                        stats = await sender.send(descriptor, src_ids, source, timeout_s=60)
                         times.append(time.perf_counter() - start)
+                        device_times.append(stats.device_seconds)
                         await stages.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id=rid))
-                    seconds = sum(times[1:]) / runs
+                    seconds, copy_s = sum(times[1:]) / runs, sum(device_times[1:]) / runs
                     row[key] = {"gb_s": nbytes / seconds / 1e9, "ms": seconds * 1e3, "checked": True}
+                    if copy_s:  # cuda-ipc: the copies alone, without the control plane's round trips
+                        row[key] |= {"copy_gb_s": nbytes / copy_s / 1e9, "copy_ms": copy_s * 1e3}
                 except Exception as exc:  # e.g. NCCL refusing two ranks on one GPU: say so, keep going
                     row[key] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                     failed[name] = f"{tokens} tokens"
@@ -463,11 +469,15 @@ def print_tables(report: dict) -> None:
     print(f"\nkv_transfer on {report['device']}, {report['date']}, {report['wall_s']:.0f} s")
     for row in report.get("bandwidth", []):
         print(f"\n(a) {row['tokens']} tokens, {row['bytes'] / 2**20:.0f} MiB: raw copy {row['raw_copy_gb_s']:.1f} GB/s, "
-              f"gather/scatter {row['gather_scatter_gb_s']:.1f} GB/s, raw NCCL {row.get('raw_nccl')}")
+              f"block copy kernel {row['block_copy_gb_s']:.1f} GB/s, torch gather+scatter {row['gather_scatter_gb_s']:.1f} GB/s, "
+              f"raw NCCL {row.get('raw_nccl')}")
         for key, value in row.items():
             if "/" in key:
                 shown = (f"{value['gb_s']:8.1f} GB/s {value['ms']:8.2f} ms  {100 * value['gb_s'] / row['raw_copy_gb_s']:5.1f}% of raw copy"
                          if "gb_s" in value else value["error"])
+                if "copy_gb_s" in value:
+                    shown += (f"; copies alone {value['copy_gb_s']:.1f} GB/s, {value['copy_ms']:.2f} ms, "
+                              f"{100 * value['copy_gb_s'] / row['raw_copy_gb_s']:.1f}% of raw copy")
                 print(f"    {key:18} {shown}")
     if report.get("ttft"):
         print("\n(b) mode                      tokens  reserve  prefill  transfer  1st decode  TTFT (ms)")

@@ -125,6 +125,7 @@ class TransferStats:
     num_blocks: int = 0
     seconds: float = 0.0
     checksum: bool = False
+    device_seconds: float = 0.0  # GPU time of the copies alone (cuda-ipc on one GPU), the data plane's share
 
 
 # Reads one layer's pages, `[2, len(block_ids), block_size, kv_heads, head_dim]`, from the sender's pool.

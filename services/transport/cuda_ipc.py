@@ -197,12 +197,18 @@ class _DevicePointer:
 
 
 def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
-    """dst[..., dst_ids[i], :] = src[..., src_ids[i], :] along dim -4 (the block dim), one gather and one scatter.
+    """dst[..., dst_ids[i], :] = src[..., src_ids[i], :] along dim -4 (the block dim).
 
     src, dst: `[2, num_blocks, block_size, kv_heads, head_dim]` (one layer) or with a leading layer dim.
+    On one GPU the Triton kernel does it in one pass; elsewhere torch gathers then scatters.
     """
-    dim = src.dim() - 4
-    dst.index_copy_(dim, dst_ids, src.index_select(dim, src_ids))
+    if src.is_cuda and src.device == dst.device and src.is_contiguous() and dst.is_contiguous():
+        from stageserve.kernels.block_copy import copy_blocks as copy_blocks_kernel
+
+        copy_blocks_kernel(src, dst, src_ids, dst_ids)
+    else:  # (kernels/block_copy.py's reference; not imported here, so a CPU install needs no Triton)
+        dim = src.dim() - 4
+        dst.index_copy_(dim, dst_ids, src.index_select(dim, src_ids))
 
 
 class CudaIpcKVSender(KVSender):
@@ -292,9 +298,15 @@ class CudaIpcKVSender(KVSender):
         dst_ids = torch.tensor(descriptor.block_ids, dtype=torch.int64, device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the pages were written on the engine's stream
         groups = [[layer] for layer in range(layout.num_layers)] if self.layer_push else [list(range(layout.num_layers))]
+        timing = source.feed is None and dst.device == self.device  # copies back to back: time them as a whole
+        if timing:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(stream)
         try:
             if source.feed is None:
                 done = [self._copy(source, dst, src_ids, dst_ids, layers) for layers in groups]  # all queued at once
+                if timing:
+                    end.record(stream)
             for i, layers in enumerate(groups):
                 if source.feed is not None:  # still computing: copy each layer as soon as its forward is queued
                     for layer in layers:
@@ -303,6 +315,8 @@ class CudaIpcKVSender(KVSender):
                 else:
                     event, _alive = done[i]
                 await asyncio.to_thread(event.synchronize)
+                if timing and i == len(groups) - 1:
+                    stats.device_seconds = begin.elapsed_time(end) / 1e3
                 for chunk in self._notices(descriptor, src, source, src_ids, layers, stats):
                     yield chunk
         finally:  # cancelled or failed midway: our copies still finish before the claim is let go
