@@ -316,6 +316,7 @@ class CudaIpcKVSender(KVSender):
                     event, _alive = done[i]
                 await asyncio.to_thread(event.synchronize)
                 if timing and i == len(groups) - 1:
+                    end.synchronize()
                     stats.device_seconds = begin.elapsed_time(end) / 1e3
                 for chunk in self._notices(descriptor, src, source, src_ids, layers, stats):
                     yield chunk
