@@ -107,6 +107,7 @@ def test_corrupt_pages_are_rejected_and_the_request_is_prefilled_again(engines, 
     assert (d.free_blocks, d.active_reservations, d.transfer_blocks, d.reserved_blocks) == (NUM_BLOCKS, 0, 0, 0)
 
 
+@pytest.mark.slow
 def test_corrupt_pages_with_no_retries_left_fail_the_request_as_data_loss(engines, tokenizer, monkeypatch):
     prefill_engine, decode_engine, _ = engines
     prompt = tokenizer.encode("Seven bridges of")

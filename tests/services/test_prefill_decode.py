@@ -113,6 +113,7 @@ def test_split_generation_equals_in_process_engine(engines, tokenizer):
     assert free == (128, 128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "prefill_options",
     [{"kv_layer_push": False}, {"first_token_before_kv": False, "kv_device_checksum": True}],
