@@ -137,7 +137,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         lease_s = max(request.lease_ms, 1) / 1000
         if request.lease_ms > self.ttl_s * 1000:
             raise InvalidArgumentError("lease_ms", f"longer than the reservation TTL ({self.ttl_s:g} s)")
-        self.table.claim(request.reservation_id, lease_s)
+        self.table.claim(request.reservation_id, lease_s, list(request.block_ids))
         return decode_pb2.ClaimKVResponse(reservation_id=request.reservation_id)
 
     async def AbortKV(self, request, context):

@@ -276,7 +276,8 @@ class CudaIpcKVSender(KVSender):
                               checksum=source.device_checksum)
         start = time.monotonic()
         stub = decode_pb2_grpc.DecodeStub(self.channel_for(descriptor.address))
-        claim = decode_pb2.ClaimKVRequest(reservation_id=descriptor.reservation_id, lease_ms=int(self.claim_s * 1000))
+        claim = decode_pb2.ClaimKVRequest(reservation_id=descriptor.reservation_id, lease_ms=int(self.claim_s * 1000),
+                                          block_ids=descriptor.block_ids)
         await stub.ClaimKV(claim, timeout=min(timeout_s, self.claim_s), metadata=tracing.outgoing_metadata())
         chunks = self._copy_and_notify(descriptor, src_block_ids, source, dst, stats)
         try:

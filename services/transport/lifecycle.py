@@ -149,9 +149,12 @@ class ReservationTable:
         reservation_id = self._by_request.get(request_id)
         return self._by_id.get(reservation_id) if reservation_id is not None else None
 
-    def claim(self, reservation_id: str, lease_s: float) -> Reservation:
-        """A one-sided writer may now write the reservation's blocks, for at most `lease_s`."""
+    def claim(self, reservation_id: str, lease_s: float, block_ids: list[int]) -> Reservation:
+        """A one-sided writer may now write the reservation's blocks (`block_ids`, which must be exactly
+        them), for at most `lease_s`."""
         reservation = self.get(reservation_id, "reservation_id")
+        if tuple(block_ids) != reservation.block_ids:
+            raise InvalidArgumentError("block_ids", "are not this reservation's blocks")
         if reservation.state is not TransferState.RESERVED or reservation.writer_deadline is not None:
             raise InvalidArgumentError("reservation_id", f"reservation is {reservation.state.value}, cannot be claimed")
         reservation._move(TransferState.RECEIVING)

@@ -22,12 +22,14 @@ class AbortKVResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class ClaimKVRequest(_message.Message):
-    __slots__ = ("reservation_id", "lease_ms")
+    __slots__ = ("reservation_id", "lease_ms", "block_ids")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     lease_ms: int
-    def __init__(self, reservation_id: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reservation_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClaimKVResponse(_message.Message):
     __slots__ = ("reservation_id",)

@@ -249,10 +249,12 @@ def test_claimed_reservation_keeps_its_blocks_until_the_writer_is_done_or_its_le
     async def main():
         decode = FakeDecode()
         a, b = decode.reserve("a", 2), decode.reserve("b", 2)
-        decode.table.claim(a.reservation_id, lease_s=30)
-        decode.table.claim(b.reservation_id, lease_s=0.01)
+        with pytest.raises(InvalidArgumentError, match="block_ids: are not this reservation's"):
+            decode.table.claim(a.reservation_id, 30, list(b.block_ids))  # a descriptor aimed at b's blocks
+        decode.table.claim(a.reservation_id, 30, list(a.block_ids))
+        decode.table.claim(b.reservation_id, 0.01, list(b.block_ids))
         with pytest.raises(InvalidArgumentError, match="cannot be claimed"):
-            decode.table.claim(a.reservation_id, lease_s=30)
+            decode.table.claim(a.reservation_id, 30, list(a.block_ids))
         await decode.table.end(a, TransferState.RELEASED, "client cancelled")
         await decode.table.end(b, TransferState.RELEASED, "client cancelled")
         held_while_writing = NUM_BLOCKS - len(decode.free_list)
