@@ -298,14 +298,16 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
                     for rep in range(runs + 1):  # the first is checked (device checksum) and not timed
                         rid = f"bw-{key}-{tokens}-{rep}"
                         params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-                        descriptor = KVDescriptor.from_pb(await stages.reserve(rid, tokens, params, transports=[name]))
-                        descriptor = KVDescriptor(**{**descriptor.__dict__, "address": decode_address})
-                        source = KVSource(read_layer, pool, device_checksum=rep == 0)
-                        start = time.perf_counter()
-                        stats = await sender.send(descriptor, src_ids, source, timeout_s=60)
-                        times.append(time.perf_counter() - start)
-                        device_times.append(stats.device_seconds)
-                        await stages.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id=rid))
+                        try:
+                            descriptor = KVDescriptor.from_pb(await stages.reserve(rid, tokens, params, transports=[name]))
+                            descriptor = KVDescriptor(**{**descriptor.__dict__, "address": decode_address})
+                            source = KVSource(read_layer, pool, device_checksum=rep == 0)
+                            start = time.perf_counter()
+                            stats = await sender.send(descriptor, src_ids, source, timeout_s=60)
+                            times.append(time.perf_counter() - start)
+                            device_times.append(stats.device_seconds)
+                        finally:
+                            await stages.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id=rid))
                     seconds, copy_s = sum(times[1:]) / runs, sum(device_times[1:]) / runs
                     row[key] = {"gb_s": nbytes / seconds / 1e9, "ms": seconds * 1e3, "checked": True}
                     if copy_s:  # cuda-ipc: the copies alone, without the control plane's round trips
