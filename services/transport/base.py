@@ -186,6 +186,13 @@ class KVSource:
                 torch.cuda.current_stream(self.pool.device).wait_event(event)
 
 
+def indexed(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:N` (the current GPU): streams, set_device and comparisons need the index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class TransportUnusable(UnavailableError):
     """The transport cannot reach this receiver at all (nothing was written): the caller may use host."""
 

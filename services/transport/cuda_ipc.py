@@ -37,6 +37,7 @@ from stageserve.transport.base import (
     TransferStats,
     TransportUnusable,
     dtype_to_pb,
+    indexed,
 )
 from stageserve.transport.checksum import page_checksum
 from stageserve.transport.select import host_id
@@ -216,7 +217,7 @@ class CudaIpcKVSender(KVSender):
 
     def __init__(self, channel_for: callable, device: torch.device, layer_push: bool = True, claim_s: float = 5.0):
         self.channel_for = channel_for
-        self.device = device if device.index is not None else torch.device(device.type, torch.cuda.current_device())
+        self.device = indexed(device)
         self.claim_s = claim_s  # longest our copies may take; decode frees the blocks after it whatever happens
         self.layer_push = layer_push  # one copy and notice per layer (pipelined) vs one copy for every layer
         self.runtime: CudaRuntime | None = None

@@ -29,7 +29,7 @@ import torch
 
 from stageserve.common import tracing
 from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError
-from stageserve.transport.base import KVDescriptor, KVLayout, KVSender, KVSource, TransferStats, dtype_to_pb
+from stageserve.transport.base import KVDescriptor, KVLayout, KVSender, KVSource, TransferStats, dtype_to_pb, indexed
 from stageserve.transport.checksum import page_checksum
 from stageserve.transport.cuda_ipc import find_library, struct_from_bytes, struct_to_bytes
 from stageserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
@@ -123,7 +123,7 @@ class NcclEndpoint:
     """One worker's communicators, by comm id (decode) or by peer address (prefill)."""
 
     def __init__(self, device: torch.device, library: NcclLibrary | None = None):
-        self.device = device
+        self.device = indexed(device)
         self.nccl = library or NcclLibrary()
         self.comms: dict[str, Communicator] = {}
 
@@ -177,7 +177,7 @@ class NcclKVSender(KVSender):
     def __init__(self, channel_for: callable, device: torch.device, connect_timeout_s: float = 30.0):
         self.channel_for = channel_for
         self.endpoint = NcclEndpoint(device)
-        self.device = device
+        self.device = self.endpoint.device
         self.connect_timeout_s = connect_timeout_s
         self.connecting: dict[str, asyncio.Lock] = {}
 
