@@ -35,9 +35,11 @@ class ClusterConfig:
     sampler: Literal["local", "remote"] = field(
         default="local", metadata={"help": "sample inside decode (local) or in a separate sample service (remote)"}
     )
-    kv_transport: Literal["host", "cuda-ipc", "nccl"] = field(
-        default="host", metadata={"help": "how KV pages move from prefill to decode"}
-    )
+    kv_transport: Literal["auto", "host", "cuda-ipc", "nccl"] = field(
+        default="auto",
+        metadata={"help": "how KV pages move from prefill to decode: auto (cuda-ipc on one host's GPUs, else nccl, "
+                  "else host; host on CPU), or one of them"},
+    )  # fmt: skip
     startup_timeout_s: float = field(
         default=300.0, metadata={"help": "seconds every service together gets to become ready", "min": 1.0}
     )
@@ -96,7 +98,7 @@ def plan_services(
     for role in ("prefill", "decode"):
         if "kv_transport" in config_fields(role):
             engine_args[role] += ("--kv-transport", config.kv_transport)
-        elif config.kv_transport != "host":
+        elif config.kv_transport not in ("auto", "host"):
             raise ClusterError(f"--kv-transport {config.kv_transport}: the {role} service has no kv_transport option")
     decode_addresses: list[tuple[str, tuple[str, ...]]] = []
     if config.sampler == "remote":

@@ -44,3 +44,7 @@ class UnavailableError(StageServeError):
 
 class DeadlineExceededError(StageServeError):
     """A call to another stage, or a wait for its next message, ran past its timeout."""
+
+
+class DataLossError(StageServeError):
+    """Data arrived corrupt (a KV checksum mismatch). Nothing was used; the caller may redo the work that made it."""

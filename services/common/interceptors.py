@@ -29,6 +29,7 @@ import grpc
 import grpc.aio
 
 from stageserve.common.errors import (
+    DataLossError,
     DeadlineExceededError,
     InvalidArgumentError,
     ModelLoadError,
@@ -58,6 +59,8 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, s
         return grpc.StatusCode.UNAVAILABLE, str(exc), ()
     if isinstance(exc, DeadlineExceededError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), ()
+    if isinstance(exc, DataLossError):
+        return grpc.StatusCode.DATA_LOSS, str(exc), ()
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, "method not implemented", ()
     return grpc.StatusCode.INTERNAL, "internal error", ()

@@ -1,11 +1,14 @@
 """The Decode service: reserve blocks, receive a prompt's KV, then decode it in the running batch.
 
-Life of a sequence here:
-    Reserve    -> blocks allocated, a Reservation with a deadline (RESERVED)
-    PushKV     -> every chunk validated against the reservation and our pool, then written
-    Attach     -> waits (bounded) until the KV is complete, then the sequence joins the continuous batch
-                  and tokens stream back; a failed transfer fails the Attach at once
-    Cancel, a client that goes away, or a reservation past its deadline -> blocks freed at once
+Life of a sequence here (the states are transport/lifecycle.py's):
+    Reserve    -> blocks allocated, a Reservation with a deadline (RESERVED), over the transport chosen
+                  for this peer (transport/select.py)
+    PushKV     -> every chunk validated against the reservation and our pool, then landed (RECEIVING;
+                  LANDED once every layer of every block is in)
+    Attach     -> waits (bounded) until LANDED, then the sequence joins the continuous batch (ATTACHED)
+                  and tokens stream back; a failed transfer fails the Attach at once with its reason
+    Cancel (RELEASED), a corrupt or cut-short transfer or a sender that died mid-stream (ABORTED), or a
+    reservation past its deadline (EXPIRED) -> blocks freed at once
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ from stageserve.common.convert import (
 from stageserve.common import tracing
 from stageserve.common.metrics import Metrics
 from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
-from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError, NotFoundError
+from stageserve.common.errors import DataLossError, DeadlineExceededError, InvalidArgumentError, NotFoundError
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.engine.engine import RequestOutput
 from stageserve.engine.worker import EngineWorker
 from stageserve.sample.sampler import SampledToken
-from stageserve.transport.base import KVDescriptor, Reservation
-from stageserve.transport.host import validate_chunk
-from stageserve.v1 import decode_pb2, decode_pb2_grpc
+from stageserve.transport.base import KVDescriptor
+from stageserve.transport.lifecycle import Reservation, ReservationTable, TransferState
+from stageserve.transport.receive import KVLanding
+from stageserve.transport.select import TransportChoice, choose_for_peer, served_transports
+from stageserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,9 @@ class DecodeServiceConfig(WorkerConfig):
     advertise_address: str | None = field(
         default=None, metadata={"help": "address prefill workers push KV to (default: the bound host:port)"}
     )
+    kv_transport: TransportChoice = field(
+        default="auto", metadata={"help": "KV transports served: auto (cuda-ipc, nccl, host on a GPU; host on CPU) or one"}
+    )
 
 
 def tokens_pb(outputs: list[RequestOutput]) -> list:
@@ -62,7 +70,7 @@ def tokens_pb(outputs: list[RequestOutput]) -> list:
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(
         self, worker: EngineWorker, reservation_ttl_s: float, kv_wait_timeout_s: float = 30.0,
-        metrics: Metrics | None = None,
+        metrics: Metrics | None = None, transports: tuple[str, ...] = ("host",), strict: bool = False,
     ):
         self.worker, self.engine = worker, worker.engine
         self.metrics = metrics or Metrics()
@@ -70,71 +78,105 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.layout = kv_layout(self.engine)
         self.ttl_s = reservation_ttl_s
         self.address = ""  # set once the server is bound
-        self.reservations: dict[str, Reservation] = {}
-        self.by_request: dict[str, str] = {}
+        self.transports = transports
+        self.table = ReservationTable(free=worker.abort_quietly)
+        self.ipc_pool = None  # cuda_ipc.IpcPool, exported once when cuda-ipc is served
+        self.nccl = None  # nccl.NcclEndpoint when nccl is served
+        if "cuda-ipc" in transports:
+            self.ipc_pool = self._set_up("cuda-ipc", strict, self._export_pool)
+        if "nccl" in transports:
+            from stageserve.transport.nccl import NcclEndpoint
+
+            self.nccl = self._set_up("nccl", strict, lambda: NcclEndpoint(self.engine.device))
+        self.landing = KVLanding(self.engine.runner, self.layout, self.nccl, kv_wait_timeout_s)
         self.reaper: asyncio.Task | None = None
+
+    def _export_pool(self):
+        from stageserve.transport.cuda_ipc import export_pool
+
+        return export_pool(self.engine.runner.kv_pool).to_pb()
+
+    def _set_up(self, name: str, strict: bool, make):
+        """A GPU transport's one-time set-up. Failing, it is an error if asked for by name; under auto the
+        worker serves the others and says why."""
+        try:
+            return make()
+        except (RuntimeError, OSError, ValueError) as exc:
+            if strict:
+                raise InvalidArgumentError("kv_transport", f"{name} cannot start on this machine: {exc}") from exc
+            logger.warning("kv transport %s unavailable here (%s); serving %s", name, exc,
+                           ", ".join(t for t in self.transports if t != name))
+            self.transports = tuple(t for t in self.transports if t != name)
+            return None
 
     async def Reserve(self, request, context):
         if not request.request_id:
             raise InvalidArgumentError("request_id", "must not be empty")
         if request.num_tokens < 1:
             raise InvalidArgumentError("num_tokens", "must be >= 1")
-        if request.transports and "host" not in request.transports:
-            raise InvalidArgumentError("transports", f"none of {list(request.transports)} is served here (host)")
+        transport = choose_for_peer(self.transports, list(request.transports), request.peer_host_id)
         params = sampling_params_from_pb(request.sampling_params)
         block_ids = await self.worker.call(lambda e: e.reserve(request.request_id, request.num_tokens, params))
         reservation = Reservation(
-            uuid.uuid4().hex, request.request_id, tuple(block_ids), self.layout, time.monotonic() + self.ttl_s
+            uuid.uuid4().hex, request.request_id, tuple(block_ids), self.layout, time.monotonic() + self.ttl_s,
+            transport=transport, peer_id=request.peer_id,
         )
-        self.reservations[reservation.reservation_id] = reservation
-        self.by_request[request.request_id] = reservation.reservation_id
-        descriptor = KVDescriptor("host", reservation.reservation_id, reservation.block_ids, self.layout,
-                                  int(self.ttl_s * 1000), self.address)
+        self.table.add(reservation)
+        descriptor = KVDescriptor(
+            transport, reservation.reservation_id, reservation.block_ids, self.layout, int(self.ttl_s * 1000),
+            self.address, cuda_ipc=self.ipc_pool if transport == "cuda-ipc" else None,
+            nccl=common_pb2.NcclTransportParams(rank=1, peer_rank=0) if transport == "nccl" else None,
+        )
         return decode_pb2.ReserveResponse(descriptor=descriptor.to_pb())
 
     async def PushKV(self, request_iterator, context):
-        reservation, num_chunks, num_bytes = None, 0, 0
-        async for chunk in request_iterator:
-            reservation = reservation or self._reservation(chunk.reservation_id, "kv_chunk.reservation_id")
-            if chunk.reservation_id != reservation.reservation_id:
-                raise InvalidArgumentError("kv_chunk.reservation_id", "changed within one stream")
-            try:
-                pages = validate_chunk(chunk, reservation, self.layout)
-            except InvalidArgumentError as exc:
-                reservation.fail(str(exc))  # fail closed: nothing of this transfer will be decoded
-                raise
-            # Reserved blocks belong to no running sequence, so writing them off the engine thread is safe.
-            self.engine.runner.write_kv(chunk.layer_index, list(chunk.block_ids), pages)
-            reservation.record(chunk.layer_index, list(chunk.block_ids))
-            reservation.next_chunk += 1
-            num_chunks, num_bytes = num_chunks + 1, num_bytes + len(chunk.data)
-            if chunk.final and not reservation.complete:
-                reservation.fail("transfer ended before every layer of every block arrived")
-                raise InvalidArgumentError("kv_chunk.final", reservation.error)
-            if reservation.complete:
-                reservation.land()
-        rid = reservation.reservation_id if reservation else ""
+        rid, num_chunks, num_bytes = await self.landing.receive(request_iterator, self.table)
         return decode_pb2.PushKVResponse(reservation_id=rid, num_chunks=num_chunks, num_bytes=num_bytes)
+
+    async def ClaimKV(self, request, context):
+        lease_s = max(request.lease_ms, 1) / 1000
+        if request.lease_ms > self.ttl_s * 1000:
+            raise InvalidArgumentError("lease_ms", f"longer than the reservation TTL ({self.ttl_s:g} s)")
+        self.table.claim(request.reservation_id, lease_s, list(request.block_ids))
+        return decode_pb2.ClaimKVResponse(reservation_id=request.reservation_id)
+
+    async def AbortKV(self, request, context):
+        try:
+            reservation = self.table.get(request.reservation_id, "reservation_id")
+        except (InvalidArgumentError, DataLossError, NotFoundError):  # already ended, or never existed
+            return decode_pb2.AbortKVResponse(found=False)
+        reason = f"the sender gave up: {request.reason[:500] or 'no reason given'}"
+        found = await self.table.end(reservation, TransferState.ABORTED, reason)
+        await self.table.writer_done(reservation)  # only the writer sends this, after its copies are over
+        return decode_pb2.AbortKVResponse(found=found)
+
+    async def ConnectKV(self, request, context):
+        if self.nccl is None:
+            raise InvalidArgumentError("comm_id", f"this worker serves no nccl transport ({', '.join(self.transports)})")
+        timeout_s = max(request.timeout_ms, 1) / 1000
+        await self.nccl.join(request.unique_id, request.comm_id, 1, timeout_s)
+        return decode_pb2.ConnectKVResponse(comm_id=request.comm_id)
 
     async def Attach(self, request, context):
         """One span per sequence (the server span the tracing interceptor opens), with its events."""
         span, start = tracing.current_span(), time.monotonic()
         span.set_attribute("stageserve.request_id", request.request_id)
-        reservation = self._reservation(request.reservation_id, "reservation_id")
+        reservation = self.table.get(request.reservation_id, "reservation_id")
         if reservation.request_id != request.request_id:
             raise InvalidArgumentError("request_id", "does not own this reservation")
-        if not reservation.complete:  # the prefill worker may still be pushing: wait, but not forever
+        if reservation.state is not TransferState.LANDED:  # the prefill worker may still be pushing: wait, not forever
             try:
                 await asyncio.wait_for(reservation.settled.wait(), self.kv_wait_timeout_s)
             except TimeoutError:
                 raise DeadlineExceededError(f"reservation_id: KV did not arrive within {self.kv_wait_timeout_s} s") from None
-            if not reservation.complete:
-                raise InvalidArgumentError("reservation_id", f"KV transfer failed: {reservation.error}")
+            if reservation.state is not TransferState.LANDED:
+                raise reservation.failure()
         span.add_event("kv_ready")
         check_token_ids(request.prompt_token_ids, self.engine.model_config.vocab_size, "prompt_token_ids")
         first = sampled_token_from_pb(request.first_token)
         prompt, cached = list(request.prompt_token_ids), request.num_cached_tokens
-        self._forget(reservation)
+        await self.table.end(reservation, TransferState.ATTACHED)
+
         def attach(engine):
             out = engine.attach(request.request_id, prompt, first, cached)
             # The gateway already sent the first token; if it alone ended the request, send only the end.
@@ -157,33 +199,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             )
 
     async def Cancel(self, request, context):
-        reservation_id = self.by_request.get(request.request_id)
-        if reservation_id is not None:
-            self._forget(self.reservations[reservation_id])
-        return decode_pb2.DecodeCancelResponse(found=await self.worker.abort_quietly(request.request_id))
+        reservation = self.table.for_request(request.request_id)
+        ended = reservation is not None and await self.table.end(reservation, TransferState.RELEASED)
+        running = await self.worker.abort_quietly(request.request_id)
+        return decode_pb2.DecodeCancelResponse(found=ended or running)
 
     async def Stats(self, request, context):
-        return decode_pb2.DecodeStatsResponse(pool=await self.worker.call(pool_stats_pb))
-
-    def _reservation(self, reservation_id: str, field_name: str) -> Reservation:
-        reservation = self.reservations.get(reservation_id)
-        if reservation is None:
-            raise NotFoundError(f"{field_name}: no reservation {reservation_id!r}")
-        return reservation
-
-    def _forget(self, reservation: Reservation) -> None:
-        self.reservations.pop(reservation.reservation_id, None)
-        self.by_request.pop(reservation.request_id, None)
+        pool = await self.worker.call(pool_stats_pb)
+        pool.active_reservations, pool.transfer_blocks = len(self.table), self.table.num_blocks
+        return decode_pb2.DecodeStatsResponse(pool=pool)
 
     async def reap_expired(self, interval_s: float = 1.0) -> None:
         """Free reservations whose KV never arrived or whose owner never attached."""
         while True:
             await asyncio.sleep(interval_s)
-            now = time.monotonic()
-            for reservation in [r for r in self.reservations.values() if r.expired(now)]:
-                logger.warning("reservation for %s expired; freeing its blocks", reservation.request_id)
-                self._forget(reservation)
-                await self.worker.abort_quietly(reservation.request_id)
+            await self.table.expire()
 
 
 async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None) -> tuple[ServerHandle, EngineWorker]:
@@ -195,12 +225,15 @@ async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None)
     metrics = Metrics()
     metrics.watch_engine(worker.engine.stats)
     metrics.watch_gpu()
-    servicer = DecodeServicer(worker, config.reservation_ttl_s, config.kv_wait_timeout_s, metrics)
+    transports = served_transports(config.kv_transport, worker.engine.device, config.engine.tensor_parallel_size)
+    servicer = DecodeServicer(worker, config.reservation_ttl_s, config.kv_wait_timeout_s, metrics, transports,
+                              strict=config.kv_transport != "auto")
     handle = await create_server(config.server, [servicer], metrics=metrics)
     servicer.address = config.advertise_address or handle.address
     servicer.reaper = asyncio.create_task(servicer.reap_expired())
     await handle.set_ready(True)
-    logger.info("decode serving on %s (sampler %s)", handle.address, config.sample_address or "in-process")
+    logger.info("decode serving on %s (sampler %s, kv transports %s)", handle.address,
+                config.sample_address or "in-process", ", ".join(servicer.transports))
     return handle, worker
 
 

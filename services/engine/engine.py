@@ -7,6 +7,7 @@ feed it from their event loop through a command queue (see the decode and prefil
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,9 @@ class LLMEngine:
             self.runner = ModelRunner(loaded.config, self.config, loaded.state_dict, **runner_kwargs)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished prefill-only requests whose blocks await transfer
+        # Prefill-only requests whose KV a transport pushes layer by layer: called as (layer, block ids)
+        # after each layer of the step that completes the prompt (see `watch_layers`).
+        self.layer_watchers: dict[str, Callable[[int, list[int]], None]] = {}
         self.counters = StepCounters()
 
     # -- requests -------------------------------------------------------------------------------
@@ -136,6 +140,7 @@ class LLMEngine:
 
         Unknown or already released ids raise NotFoundError.
         """
+        self.layer_watchers.pop(request_id, None)
         request = self.requests.pop(request_id, None)
         if request is not None and request.status is RequestStatus.RESERVED:
             request.status = RequestStatus.FINISHED_ABORTED
@@ -157,6 +162,32 @@ class LLMEngine:
         if request_id not in self.held:
             raise NotFoundError(f"no held KV for request {request_id!r}")
         return self.kv.block_ids(request_id)
+
+    def watch_layers(self, request_id: str, watcher: Callable[[int, list[int]], None] | None) -> None:
+        """Call `watcher(layer, block_ids)` after each layer of the step that completes `request_id`'s
+        prompt (all its blocks, cached prefix included, hold that layer's KV by then); None stops it."""
+        if watcher is None:
+            self.layer_watchers.pop(request_id, None)
+        else:
+            self.layer_watchers[request_id] = watcher
+
+    def _layer_hook(self, sched) -> Callable[[int], None] | None:
+        if not self.layer_watchers:
+            return None
+        done = [
+            (self.layer_watchers[s.request.request_id], self.kv.block_ids(s.request.request_id))
+            for s in sched.scheduled
+            if s.request.request_id in self.layer_watchers
+            and s.request.num_computed_tokens + s.num_new_tokens >= len(s.request.prompt_token_ids)
+        ]
+        if not done:
+            return None
+
+        def on_layer(layer: int) -> None:
+            for watcher, block_ids in done:
+                watcher(layer, block_ids)
+
+        return on_layer
 
     def release_held(self, request_id: str) -> None:
         held = self.held.pop(request_id, None)
@@ -229,7 +260,7 @@ class LLMEngine:
         self.counters.preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
-        sampled = self.runner.execute(sched)
+        sampled = self.runner.execute(sched, self._layer_hook(sched))
         self.counters.steps += 1
         self.counters.computed_tokens += sched.num_batched_tokens
         outputs = []
@@ -258,6 +289,7 @@ class LLMEngine:
             self.requests.pop(request.request_id, None)
             if request.prefill_only:
                 self.held[request.request_id] = request
+                self.layer_watchers.pop(request.request_id, None)
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=[token.token_id],

@@ -9,6 +9,7 @@ matmul each at load time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -170,12 +171,15 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_caches: list[torch.Tensor],  # per layer: [2, num_blocks, block_size, kv_heads, head_dim]
         meta: AttentionMetadata,
+        on_layer: Callable[[int], None] | None = None,  # called once layer i's KV is written (queued, on GPU)
     ) -> torch.Tensor:  # [num_tokens, hidden]
         x = self.embed_tokens(input_ids)
         rope = self.rope.lookup(positions, x.dtype)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x, residual = layer(x, residual, rope, kv_cache, meta)
+            if on_layer is not None:
+                on_layer(i)
         return self.ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ a prompt samples nothing).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,9 @@ class ModelRunner:
         model.load_hf_state_dict(state_dict)
         model.rope.reset_tables()  # float32, whatever the weights' dtype
         self.model = model.eval()
-        self.kv_caches = self._allocate_kv_cache()
+        # One allocation for every layer, so a KV transport can export (or read) the whole pool at once.
+        self.kv_pool = self._allocate_kv_pool()  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        self.kv_caches = list(self.kv_pool.unbind(0))  # per-layer views
         generator = torch.Generator(device=device).manual_seed(engine_config.sampler_seed)
         self.sampler = Sampler(eos_token_id=eos_token_id, generator=generator)
         self.graphs: CudaGraphRunner | None = None
@@ -72,10 +75,10 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.capture()
 
-    def _allocate_kv_cache(self) -> list[torch.Tensor]:
+    def _allocate_kv_pool(self) -> torch.Tensor:
         c, m = self.config, self.model_config
-        shape = (2, c.num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
-        return [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(m.num_layers)]
+        shape = (m.num_layers, 2, c.num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
 
     def read_kv(self, layer: int, block_ids: list[int]) -> torch.Tensor:
         """A copy of one layer's pages: [2, len(block_ids), block_size, num_kv_heads, head_dim]."""
@@ -91,11 +94,15 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> list[SampledToken | None]:
-        """Run one step; returns, per scheduled request, its sampled token or None (mid-prefill)."""
+    def execute(self, sched: SchedulerOutput, on_layer: Callable[[int], None] | None = None) -> list[SampledToken | None]:
+        """Run one step; returns, per scheduled request, its sampled token or None (mid-prefill).
+
+        `on_layer(i)` is called right after layer i's forward is queued (a KV transport starts moving that
+        layer's pages while the later layers compute); only steps that run the model eagerly call it.
+        """
         host, sample_rows = self._prepare_host(sched)
         results: list[SampledToken | None] = [None] * len(sched.scheduled)
-        logits = self.forward_step(host, [row for _, row in sample_rows])
+        logits = self.forward_step(host, [row for _, row in sample_rows], on_layer)
         if logits is None:
             return results
         rows = [
@@ -106,7 +113,9 @@ class ModelRunner:
             results[i] = token
         return results
 
-    def forward_step(self, host: HostBatch, sample_rows: list[int]) -> torch.Tensor | None:
+    def forward_step(
+        self, host: HostBatch, sample_rows: list[int], on_layer: Callable[[int], None] | None = None
+    ) -> torch.Tensor | None:
         """The forward pass of one step: logits [len(sample_rows), vocab] of those flat rows, or None.
 
         Depends on nothing but its arguments, so tensor-parallel ranks given the same inputs take the
@@ -122,7 +131,7 @@ class ModelRunner:
                 logits = logits[torch.tensor(sample_rows, device=self.device)]
             return logits
         meta = host.to_device(self.device)
-        hidden = self.model(meta.input_ids, meta.positions, self.kv_caches, meta.attention)  # [num_tokens, hidden]
+        hidden = self.model(meta.input_ids, meta.positions, self.kv_caches, meta.attention, on_layer)  # [num_tokens, hidden]
         if not sample_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])  # [num_sampled, vocab]

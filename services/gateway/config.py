@@ -63,6 +63,11 @@ class GatewayServiceConfig:
             "min": 0.001,
         },
     )
+    kv_retries: int = field(
+        default=1,
+        metadata={"help": "times a request is prefilled again when decode rejects its KV as corrupt (checksum)",
+                  "min": 0, "max": 5},
+    )  # fmt: skip
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:

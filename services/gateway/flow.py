@@ -25,7 +25,7 @@ import grpc
 import grpc.aio
 
 from stageserve.common import tracing
-from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from stageserve.common.errors import DataLossError, DeadlineExceededError, InvalidArgumentError, UnavailableError
 from stageserve.common.interceptors import status_for
 from stageserve.gateway.request import GenerateInput, Timing, Usage
 from stageserve.gateway.routing import DOWN_CODES, Worker, WorkerPool
@@ -98,7 +98,7 @@ class RequestFlow:
                 prompt = await self._tokenize()
                 text = TextStream(prompt, self.request.params.stop, self.request.skip_special_tokens, self._detokenize)
                 prefill = self.router.prefills.choose()
-                descriptor = await self._reserve(len(prompt), peer_id=prefill.address)
+                descriptor = await self._reserve(len(prompt), prefill)
                 with self.router.decodes.track(self.decode):  # decode's load: the whole request, not one call
                     async for message in self._stream(prompt, text, prefill, descriptor):
                         yield message
@@ -182,13 +182,16 @@ class RequestFlow:
             reply = await self._call(self.router.tokenizers, detokenize, RETRY_ELSEWHERE)
         return reply.text, reply.prefix_offset, reply.read_offset
 
-    async def _reserve(self, num_tokens: int, peer_id: str) -> common_pb2.KVTransferDescriptor:
-        """Reserve on the decode worker with the most headroom; a full or unreachable one passes to the next."""
+    async def _reserve(self, num_tokens: int, prefill: Worker) -> common_pb2.KVTransferDescriptor:
+        """Reserve on the decode worker with the most headroom; a full or unreachable one passes to the next.
+        Decode picks the KV transport from what `prefill` can send (cuda-ipc only if on the same host)."""
         pb = decode_pb2.ReserveRequest(
             request_id=self.request.request_id,
             num_tokens=num_tokens,
             sampling_params=self.request.sampling_params_pb(),
-            peer_id=peer_id,
+            peer_id=prefill.address,
+            transports=prefill.kv_transports,
+            peer_host_id=prefill.host_id,
         )
 
         async def reserve(worker: Worker) -> decode_pb2.ReserveResponse:
@@ -247,20 +250,37 @@ class RequestFlow:
             yield self._finish(message)
             return
         yield message
+        first_event = await self._attach_landed(prompt, prefill, descriptor, reply)
         with tracing.span("decode", {"stageserve.decode.address": self.decode.address}, kind="client"):
-            async for message in self._decode(prompt, text, descriptor, reply, usage):
+            async for message in self._decode(first_event, text, usage):
                 yield message
 
-    async def _decode(
-        self,
-        prompt: list[int],
-        text: TextStream,
-        descriptor: common_pb2.KVTransferDescriptor,
+    async def _attach_landed(
+        self, prompt: list[int], prefill: Worker, descriptor: common_pb2.KVTransferDescriptor,
         reply: prefill_pb2.PrefillResponse,
-        usage: Usage,
-    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        decode = self.decode
-        self.attach = decode.stub.Attach(
+    ) -> decode_pb2.TokenEvent:
+        """Attach and read the first event. Decode answers DATA_LOSS before any token when the pages landed
+        corrupt (and it has already freed them): prefill again into a new reservation and attach with the
+        first token the client already has, up to `kv_retries` times, so nothing is decoded on bad KV."""
+        for attempt in range(self.config.kv_retries + 1):
+            self._open_attach(prompt, descriptor, reply)
+            try:
+                return await self._next_event(self.decode)
+            except DataLossError as exc:
+                if attempt == self.config.kv_retries:
+                    raise
+                logger.warning("%s: %s; prefilling again (%d of %d)", self.request.request_id, exc, attempt + 1,
+                               self.config.kv_retries)
+                self.span.add_event("kv_retry", {"stageserve.reason": str(exc)})
+            self.attach = None
+            descriptor = await self._reserve(len(prompt), prefill)
+            await self._prefill(prompt, prefill, descriptor)  # its first token is dropped: the client has ours
+        raise AssertionError("unreachable")
+
+    def _open_attach(
+        self, prompt: list[int], descriptor: common_pb2.KVTransferDescriptor, reply: prefill_pb2.PrefillResponse
+    ) -> None:
+        self.attach = self.decode.stub.Attach(
             decode_pb2.AttachRequest(
                 request_id=self.request.request_id,
                 reservation_id=descriptor.reservation_id,
@@ -272,8 +292,12 @@ class RequestFlow:
             timeout=None if self.deadline is None else self._timeout(float("inf")),
             metadata=tracing.outgoing_metadata(),
         )
+
+    async def _decode(
+        self, event: decode_pb2.TokenEvent, text: TextStream, usage: Usage
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        decode = self.decode
         while True:
-            event = await self._next_event(decode)
             self._observe_tokens(len(event.tokens))
             message = await self._message(event.tokens, event.finish_reason, text, usage)
             if message.finish_reason != UNSPECIFIED:
@@ -281,6 +305,7 @@ class RequestFlow:
                 return
             if message.token_ids or message.text:
                 yield message
+            event = await self._next_event(decode)
 
     async def _next_event(self, decode: Worker) -> decode_pb2.TokenEvent:
         idle = self.config.stream_idle_timeout_s

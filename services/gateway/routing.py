@@ -55,6 +55,8 @@ class Worker:
     free_blocks: int | None = None  # from the last Stats poll; None before the first
     pending_blocks: int = 0  # blocks reserved through this gateway since that poll
     last_error: str = ""
+    host_id: str = ""  # prefill: its host, from the last Stats poll (decode offers cuda-ipc only on the same one)
+    kv_transports: tuple[str, ...] = ()  # prefill: what it can send KV over, best first
 
     def headroom(self) -> int:
         return (self.free_blocks or 0) - self.pending_blocks
@@ -195,7 +197,8 @@ async def probe_decode(worker: Worker, timeout_s: float) -> None:
 
 
 async def probe_prefill(worker: Worker, timeout_s: float) -> None:
-    await worker.stub.Stats(prefill_pb2.PrefillStatsRequest(), timeout=timeout_s)
+    reply = await worker.stub.Stats(prefill_pb2.PrefillStatsRequest(), timeout=timeout_s)
+    worker.host_id, worker.kv_transports = reply.host_id, tuple(reply.kv_transports)
 
 
 def health_probe(service: str) -> Probe:

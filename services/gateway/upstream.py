@@ -10,6 +10,7 @@ import grpc
 import grpc.aio
 
 from stageserve.common.errors import (
+    DataLossError,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
@@ -36,6 +37,8 @@ def upstream_error(stage: str, address: str, exc: grpc.aio.AioRpcError) -> Stage
         return UnavailableError(f"{where} is unavailable: {details}")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceededError(f"{where} did not answer in time: {details}")
+    if code is grpc.StatusCode.DATA_LOSS:
+        return DataLossError(f"{where}: {details}")
     if code is grpc.StatusCode.NOT_FOUND:
         return NotFoundError(f"{where}: {details}")
     return UpstreamError(f"{where} failed with {code.name}: {details}")

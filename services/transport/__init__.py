@@ -1,1 +1,2 @@
-"""KV-cache page transports between prefill and decode workers (`host` now; `cuda-ipc`, `nccl` later)."""
+"""KV-cache page transports between prefill and decode workers: `host`, `cuda-ipc` and `nccl`, and the
+transfer lifecycle they share (lifecycle.py)."""

@@ -98,7 +98,7 @@ class SampledToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class KVPoolStats(_message.Message):
-    __slots__ = ("total_blocks", "free_blocks", "reserved_blocks", "cached_blocks", "block_size", "num_running", "num_waiting")
+    __slots__ = ("total_blocks", "free_blocks", "reserved_blocks", "cached_blocks", "block_size", "num_running", "num_waiting", "active_reservations", "active_leases", "transfer_blocks")
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,9 @@ class KVPoolStats(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     total_blocks: int
     free_blocks: int
     reserved_blocks: int
@@ -113,7 +116,10 @@ class KVPoolStats(_message.Message):
     block_size: int
     num_running: int
     num_waiting: int
-    def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ...) -> None: ...
+    active_reservations: int
+    active_leases: int
+    transfer_blocks: int
+    def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., active_reservations: _Optional[int] = ..., active_leases: _Optional[int] = ..., transfer_blocks: _Optional[int] = ...) -> None: ...
 
 class KVLayout(_message.Message):
     __slots__ = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
@@ -138,16 +144,24 @@ class HostTransportParams(_message.Message):
     def __init__(self, address: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class CudaIpcTransportParams(_message.Message):
-    __slots__ = ("host_id", "device_index", "ipc_handle", "pool_id")
+    __slots__ = ("host_id", "device_index", "ipc_handle", "pool_id", "base_offset", "layer_stride_bytes", "num_blocks", "allocation_bytes")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STRIDE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_BYTES_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     device_index: int
     ipc_handle: bytes
     pool_id: str
-    def __init__(self, host_id: _Optional[str] = ..., device_index: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., pool_id: _Optional[str] = ...) -> None: ...
+    base_offset: int
+    layer_stride_bytes: int
+    num_blocks: int
+    allocation_bytes: int
+    def __init__(self, host_id: _Optional[str] = ..., device_index: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., pool_id: _Optional[str] = ..., base_offset: _Optional[int] = ..., layer_stride_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., allocation_bytes: _Optional[int] = ...) -> None: ...
 
 class NcclTransportParams(_message.Message):
     __slots__ = ("unique_id", "comm_id", "rank", "peer_rank")
@@ -184,7 +198,7 @@ class KVTransferDescriptor(_message.Message):
     def __init__(self, transport: _Optional[str] = ..., reservation_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., ttl_ms: _Optional[int] = ..., host: _Optional[_Union[HostTransportParams, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcTransportParams, _Mapping]] = ..., nccl: _Optional[_Union[NcclTransportParams, _Mapping]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("reservation_id", "layer_index", "block_ids", "dtype", "shape", "data", "crc32", "chunk_index", "final")
+    __slots__ = ("reservation_id", "layer_index", "block_ids", "dtype", "shape", "data", "crc32", "chunk_index", "final", "page_checksum", "out_of_band", "nccl_seq", "comm_id")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +208,10 @@ class KVChunk(_message.Message):
     CRC32_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_BAND_FIELD_NUMBER: _ClassVar[int]
+    NCCL_SEQ_FIELD_NUMBER: _ClassVar[int]
+    COMM_ID_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     layer_index: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -203,4 +221,8 @@ class KVChunk(_message.Message):
     crc32: int
     chunk_index: int
     final: bool
-    def __init__(self, reservation_id: _Optional[str] = ..., layer_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., chunk_index: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    page_checksum: int
+    out_of_band: bool
+    nccl_seq: int
+    comm_id: str
+    def __init__(self, reservation_id: _Optional[str] = ..., layer_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., chunk_index: _Optional[int] = ..., final: _Optional[bool] = ..., page_checksum: _Optional[int] = ..., out_of_band: _Optional[bool] = ..., nccl_seq: _Optional[int] = ..., comm_id: _Optional[str] = ...) -> None: ...

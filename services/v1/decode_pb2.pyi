@@ -7,6 +7,54 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AbortKVRequest(_message.Message):
+    __slots__ = ("reservation_id", "reason")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    reason: str
+    def __init__(self, reservation_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AbortKVResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
+class ClaimKVRequest(_message.Message):
+    __slots__ = ("reservation_id", "lease_ms", "block_ids")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    lease_ms: int
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reservation_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ClaimKVResponse(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    def __init__(self, reservation_id: _Optional[str] = ...) -> None: ...
+
+class ConnectKVRequest(_message.Message):
+    __slots__ = ("unique_id", "comm_id", "peer_id", "timeout_ms")
+    UNIQUE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMM_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    unique_id: bytes
+    comm_id: str
+    peer_id: str
+    timeout_ms: int
+    def __init__(self, unique_id: _Optional[bytes] = ..., comm_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class ConnectKVResponse(_message.Message):
+    __slots__ = ("comm_id",)
+    COMM_ID_FIELD_NUMBER: _ClassVar[int]
+    comm_id: str
+    def __init__(self, comm_id: _Optional[str] = ...) -> None: ...
+
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "num_tokens", "sampling_params", "transports", "peer_id", "peer_host_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -61,6 +61,21 @@ class DecodeStub:
                 request_serializer=stageserve_dot_v1_dot_decode__pb2.DecodeStatsRequest.SerializeToString,
                 response_deserializer=stageserve_dot_v1_dot_decode__pb2.DecodeStatsResponse.FromString,
                 _registered_method=True)
+        self.ConnectKV = channel.unary_unary(
+                '/stageserve.v1.Decode/ConnectKV',
+                request_serializer=stageserve_dot_v1_dot_decode__pb2.ConnectKVRequest.SerializeToString,
+                response_deserializer=stageserve_dot_v1_dot_decode__pb2.ConnectKVResponse.FromString,
+                _registered_method=True)
+        self.ClaimKV = channel.unary_unary(
+                '/stageserve.v1.Decode/ClaimKV',
+                request_serializer=stageserve_dot_v1_dot_decode__pb2.ClaimKVRequest.SerializeToString,
+                response_deserializer=stageserve_dot_v1_dot_decode__pb2.ClaimKVResponse.FromString,
+                _registered_method=True)
+        self.AbortKV = channel.unary_unary(
+                '/stageserve.v1.Decode/AbortKV',
+                request_serializer=stageserve_dot_v1_dot_decode__pb2.AbortKVRequest.SerializeToString,
+                response_deserializer=stageserve_dot_v1_dot_decode__pb2.AbortKVResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -102,6 +117,31 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConnectKV(self, request, context):
+        """"nccl" transport: join the two-rank communicator a prefill worker created (it is rank 0, we are rank 1).
+        Returns once the communicator is up on both sides, or fails within `timeout_ms`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimKV(self, request, context):
+        """"cuda-ipc": the sender asks to write into a reservation's blocks before it copies a byte. On success
+        the blocks stay allocated until its PushKV stream ends or `lease_ms` passes, even if the reservation is
+        cancelled meanwhile, so a one-sided copy never lands in blocks that were handed to another sequence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortKV(self, request, context):
+        """The sender gives up on a transfer (it failed on its side, its copies are over): the reservation ends
+        at once and a waiting Attach fails with `reason`, instead of waiting for pages that will never come.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +169,21 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=stageserve_dot_v1_dot_decode__pb2.DecodeStatsRequest.FromString,
                     response_serializer=stageserve_dot_v1_dot_decode__pb2.DecodeStatsResponse.SerializeToString,
+            ),
+            'ConnectKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConnectKV,
+                    request_deserializer=stageserve_dot_v1_dot_decode__pb2.ConnectKVRequest.FromString,
+                    response_serializer=stageserve_dot_v1_dot_decode__pb2.ConnectKVResponse.SerializeToString,
+            ),
+            'ClaimKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimKV,
+                    request_deserializer=stageserve_dot_v1_dot_decode__pb2.ClaimKVRequest.FromString,
+                    response_serializer=stageserve_dot_v1_dot_decode__pb2.ClaimKVResponse.SerializeToString,
+            ),
+            'AbortKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortKV,
+                    request_deserializer=stageserve_dot_v1_dot_decode__pb2.AbortKVRequest.FromString,
+                    response_serializer=stageserve_dot_v1_dot_decode__pb2.AbortKVResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +322,87 @@ class Decode:
             '/stageserve.v1.Decode/Stats',
             stageserve_dot_v1_dot_decode__pb2.DecodeStatsRequest.SerializeToString,
             stageserve_dot_v1_dot_decode__pb2.DecodeStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConnectKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stageserve.v1.Decode/ConnectKV',
+            stageserve_dot_v1_dot_decode__pb2.ConnectKVRequest.SerializeToString,
+            stageserve_dot_v1_dot_decode__pb2.ConnectKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stageserve.v1.Decode/ClaimKV',
+            stageserve_dot_v1_dot_decode__pb2.ClaimKVRequest.SerializeToString,
+            stageserve_dot_v1_dot_decode__pb2.ClaimKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stageserve.v1.Decode/AbortKV',
+            stageserve_dot_v1_dot_decode__pb2.AbortKVRequest.SerializeToString,
+            stageserve_dot_v1_dot_decode__pb2.AbortKVResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from stageserve.v1 import common_pb2 as stageserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstageserve/v1/prefill.proto\x12\rstageserve.v1\x1a\x1astageserve/v1/common.proto\"P\n\x0c\x44\x65\x63odeTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12/\n\x02kv\x18\x02 \x01(\x0b\x32#.stageserve.v1.KVTransferDescriptor\"\xbe\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x32\n\rdecode_target\x18\x05 \x01(\x0b\x32\x1b.stageserve.v1.DecodeTarget\"\xe4\x01\n\x0fPrefillResponse\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\r\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12\x33\n\x06source\x18\x05 \x01(\x0b\x32#.stageserve.v1.KVTransferDescriptor\"\x15\n\x13PrefillStatsRequest\"@\n\x14PrefillStatsResponse\x12(\n\x04pool\x18\x01 \x01(\x0b\x32\x1a.stageserve.v1.KVPoolStats\"*\n\x14PrefillCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"&\n\x15PrefillCancelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xfa\x01\n\x07Prefill\x12H\n\x07Prefill\x12\x1d.stageserve.v1.PrefillRequest\x1a\x1e.stageserve.v1.PrefillResponse\x12P\n\x05Stats\x12\".stageserve.v1.PrefillStatsRequest\x1a#.stageserve.v1.PrefillStatsResponse\x12S\n\x06\x43\x61ncel\x12#.stageserve.v1.PrefillCancelRequest\x1a$.stageserve.v1.PrefillCancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstageserve/v1/prefill.proto\x12\rstageserve.v1\x1a\x1astageserve/v1/common.proto\"P\n\x0c\x44\x65\x63odeTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12/\n\x02kv\x18\x02 \x01(\x0b\x32#.stageserve.v1.KVTransferDescriptor\"\xbe\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x32\n\rdecode_target\x18\x05 \x01(\x0b\x32\x1b.stageserve.v1.DecodeTarget\"\xfb\x01\n\x0fPrefillResponse\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\r\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12\x33\n\x06source\x18\x05 \x01(\x0b\x32#.stageserve.v1.KVTransferDescriptor\x12\x15\n\rkv_transfer_s\x18\x06 \x01(\x02\"\x15\n\x13PrefillStatsRequest\"h\n\x14PrefillStatsResponse\x12(\n\x04pool\x18\x01 \x01(\x0b\x32\x1a.stageserve.v1.KVPoolStats\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x15\n\rkv_transports\x18\x03 \x03(\t\"*\n\x14PrefillCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"&\n\x15PrefillCancelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xfa\x01\n\x07Prefill\x12H\n\x07Prefill\x12\x1d.stageserve.v1.PrefillRequest\x1a\x1e.stageserve.v1.PrefillResponse\x12P\n\x05Stats\x12\".stageserve.v1.PrefillStatsRequest\x1a#.stageserve.v1.PrefillStatsResponse\x12S\n\x06\x43\x61ncel\x12#.stageserve.v1.PrefillCancelRequest\x1a$.stageserve.v1.PrefillCancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=157
   _globals['_PREFILLREQUEST']._serialized_end=347
   _globals['_PREFILLRESPONSE']._serialized_start=350
-  _globals['_PREFILLRESPONSE']._serialized_end=578
-  _globals['_PREFILLSTATSREQUEST']._serialized_start=580
-  _globals['_PREFILLSTATSREQUEST']._serialized_end=601
-  _globals['_PREFILLSTATSRESPONSE']._serialized_start=603
-  _globals['_PREFILLSTATSRESPONSE']._serialized_end=667
-  _globals['_PREFILLCANCELREQUEST']._serialized_start=669
-  _globals['_PREFILLCANCELREQUEST']._serialized_end=711
-  _globals['_PREFILLCANCELRESPONSE']._serialized_start=713
-  _globals['_PREFILLCANCELRESPONSE']._serialized_end=751
-  _globals['_PREFILL']._serialized_start=754
-  _globals['_PREFILL']._serialized_end=1004
+  _globals['_PREFILLRESPONSE']._serialized_end=601
+  _globals['_PREFILLSTATSREQUEST']._serialized_start=603
+  _globals['_PREFILLSTATSREQUEST']._serialized_end=624
+  _globals['_PREFILLSTATSRESPONSE']._serialized_start=626
+  _globals['_PREFILLSTATSRESPONSE']._serialized_end=730
+  _globals['_PREFILLCANCELREQUEST']._serialized_start=732
+  _globals['_PREFILLCANCELREQUEST']._serialized_end=774
+  _globals['_PREFILLCANCELRESPONSE']._serialized_start=776
+  _globals['_PREFILLCANCELRESPONSE']._serialized_end=814
+  _globals['_PREFILL']._serialized_start=817
+  _globals['_PREFILL']._serialized_end=1067
 # @@protoc_insertion_point(module_scope)

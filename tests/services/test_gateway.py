@@ -80,7 +80,10 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillCancelResponse(found=False)
 
     async def Stats(self, request, context):
-        return prefill_pb2.PrefillStatsResponse(pool=common_pb2.KVPoolStats(total_blocks=64, free_blocks=64))
+        return prefill_pb2.PrefillStatsResponse(
+            pool=common_pb2.KVPoolStats(total_blocks=64, free_blocks=64), host_id="host-a",
+            kv_transports=["cuda-ipc", "nccl", "host"],
+        )
 
 
 class FakeDecode(decode_pb2_grpc.DecodeServicer):
@@ -324,6 +327,18 @@ def test_first_token_that_finishes_frees_the_reservation(tokenizer, output_ids):
             assert list(messages[0].token_ids) == output_ids[:1]
             assert messages[0].usage.completion_tokens == 1
             assert decode.attached == [] and decode.cancelled == ["one"]
+
+    run(body)
+
+
+def test_reserve_offers_decode_what_the_chosen_prefill_can_send(tokenizer, output_ids):
+    async def body():
+        async with simple_cluster(tokenizer, output_ids) as c:
+            await asyncio.sleep(0.3)  # a few Stats polls: the gateway has learnt the prefill's transports
+            await drain(c.client.generate(PROMPT, request_id="t"))
+            reserve = c.decodes[0].reserved["t"]
+            assert list(reserve.transports) == ["cuda-ipc", "nccl", "host"]
+            assert reserve.peer_host_id == "host-a" and reserve.peer_id == c.gateway.gateway.config.prefill_addresses[0]
 
     run(body)
 

@@ -16,6 +16,7 @@ from stageserve.engine.worker import EngineWorker
 from stageserve.prefill.service import PrefillServiceConfig
 from stageserve.prefill.service import start as start_prefill
 from stageserve.sample.params import SamplingParams
+from stageserve.transport.host import HostKVSender
 from stageserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -33,14 +34,15 @@ class Split:
     async def __aenter__(self):
         return self
 
-    async def start(self, prefill_engine, decode_engine, **decode_overrides):
+    async def start(self, prefill_engine, decode_engine, prefill_overrides=None, **decode_overrides):
         server = ServerConfig(host="127.0.0.1", port=0)
         self.decode_worker = EngineWorker(decode_engine)
         self.decode_worker.start()
         self.prefill_worker = EngineWorker(prefill_engine)
         self.prefill_worker.start()
         self.decode_handle, _ = await start_decode(DecodeServiceConfig(server=server, **decode_overrides), self.decode_worker)
-        self.prefill_handle, _ = await start_prefill(PrefillServiceConfig(server=server), self.prefill_worker)
+        prefill_config = PrefillServiceConfig(server=server, **(prefill_overrides or {}))
+        self.prefill_handle, _ = await start_prefill(prefill_config, self.prefill_worker)
         self.decode_channel = grpc.aio.insecure_channel(self.decode_handle.address)
         self.prefill_channel = grpc.aio.insecure_channel(self.prefill_handle.address)
         self.decode = decode_pb2_grpc.DecodeStub(self.decode_channel)
@@ -80,6 +82,11 @@ class Split:
                 break
         return tokens
 
+    async def leases(self) -> tuple[int, int]:
+        p = await self.prefill.Stats(prefill_pb2.PrefillStatsRequest())
+        d = await self.decode.Stats(decode_pb2.DecodeStatsRequest())
+        return p.pool.active_leases, d.pool.active_reservations
+
     async def free_blocks(self) -> tuple[int, int]:
         p = await self.prefill.Stats(prefill_pb2.PrefillStatsRequest())
         d = await self.decode.Stats(decode_pb2.DecodeStatsRequest())
@@ -104,6 +111,28 @@ def test_split_generation_equals_in_process_engine(engines, tokenizer):
     results, free = run(main())
     assert results == expected
     assert free == (128, 128)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "prefill_options",
+    [{"kv_layer_push": False}, {"first_token_before_kv": False, "kv_device_checksum": True}],
+    ids=["whole-request", "layer-push-in-response-path-with-checksum"],
+)
+def test_every_push_mode_gives_the_in_process_tokens_and_leaves_nothing_open(engines, tokenizer, prefill_options):
+    prefill_engine, decode_engine, reference = engines
+    prompts = [tokenizer.encode(t) for t in ("Once upon a time in a quiet village,", "import numpy as np")]
+    expected = [r.output_token_ids for r in reference.generate(prompts, GREEDY)]
+
+    async def main():
+        async with Split() as split:
+            await split.start(prefill_engine, decode_engine, prefill_options)
+            results = await asyncio.gather(*(split.generate(f"m{i}", p, GREEDY) for i, p in enumerate(prompts)))
+            return results, await split.free_blocks(), await split.leases()
+
+    results, free, leases = run(main())
+    assert results == expected
+    assert free == (128, 128) and leases == (0, 0)
 
 
 def test_cancel_mid_stream_frees_blocks_on_both_sides(engines, tokenizer):
@@ -237,3 +266,29 @@ def test_attach_fails_fast_after_a_corrupt_transfer(engines):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "KV transfer failed" in err.details()
     assert elapsed < 5
     assert free == (128, 128)
+
+
+def test_a_transfer_that_fails_at_the_sender_fails_attach_at_once(engines, tokenizer, monkeypatch):
+    prefill_engine, decode_engine, _ = engines
+    prompt = tokenizer.encode("The sender of this prompt is about to fail")
+
+    async def broken_send(self, descriptor, src, source, timeout_s):
+        raise RuntimeError("the pool could not be read")
+
+    monkeypatch.setattr(HostKVSender, "send", broken_send)
+
+    async def main():
+        async with Split() as split:
+            await split.start(prefill_engine, decode_engine, kv_wait_timeout_s=30)
+            start = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await split.generate("s", prompt, GREEDY)
+            elapsed = asyncio.get_running_loop().time() - start
+            await split.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id="s"))
+            return err.value, elapsed, await split.free_blocks(), await split.leases()
+
+    err, elapsed, free, leases = run(main())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the sender gave up: RuntimeError: the pool could not be read" in err.details()
+    assert elapsed < 10  # not decode's 30 s wait
+    assert free == (128, 128) and leases == (0, 0)

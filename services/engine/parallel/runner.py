@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -58,7 +59,11 @@ class TensorParallelRunner(ModelRunner):
 
     # -- rank 0 -----------------------------------------------------------------------------------
 
-    def forward_step(self, host: HostBatch, sample_rows: list[int]) -> torch.Tensor | None:
+    def forward_step(
+        self, host: HostBatch, sample_rows: list[int], on_layer: Callable[[int], None] | None = None
+    ) -> torch.Tensor | None:
+        # No per-layer push under TP: a layer's pages are spread over the ranks, and reading them is a
+        # collective that must not interleave with the step's own; the KV moves after the step instead.
         if self.shard.rank != 0:
             return super().forward_step(host, sample_rows)
         with self._lock:
