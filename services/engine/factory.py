@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine
 from stageserve.engine.loader.weights import LoadedModel, load_model
@@ -28,4 +30,10 @@ def create_engine(model: str | LoadedModel | None, config: EngineConfig | None =
     else:
         loaded, tokenizer = load_model_and_tokenizer(model, config)
     eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
-    return LLMEngine(loaded, config, eos_token_ids=eos)
+    engine = LLMEngine(loaded, config, eos_token_ids=eos)
+    del loaded  # the weights as loaded, before fusion: garbage once the runner holds its own
+    if engine.device.type == "cuda":
+        # Give the allocator's cache of those back to the driver: a prefill and a decode process often
+        # share one GPU, and the cached load-time copies would otherwise crowd the other out.
+        torch.cuda.empty_cache()
+    return engine

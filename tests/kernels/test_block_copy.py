@@ -18,7 +18,7 @@ def pools(device, gen, dtype, layers, src_blocks, dst_blocks, block_size, heads,
 @pytest.mark.parametrize("block_size, heads, dim", [(16, 2, 64), (4, 1, 128), (8, 3, 80)])
 def test_copy_blocks_matches_the_reference_and_touches_nothing_else(device, gen, dtype, block_size, heads, dim):
     src, dst = pools(device, gen, dtype, 3, 12, 20, block_size, heads, dim)
-    perm = torch.randperm(20, generator=gen, device="cpu")
+    perm = torch.randperm(20, generator=gen, device=gen.device)
     src_ids = torch.tensor([11, 0, 5, 7, 3], device=device)
     dst_ids = perm[:5].to(device)
     expected = dst.clone()
