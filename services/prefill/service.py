@@ -5,9 +5,9 @@ Life of a Prefill call:
     1. validate the prompt, params and the decode target's descriptor against our own KV layout
     2. run the prompt as a prefill-only request (chunked, batched with other prompts, prefix-cached);
        it finishes after sampling the first token and its blocks stay HELD
-    3. send the pages with the KV transport: by default layer by layer while the prompt's last step
-       computes (`kv_layer_push`), else all layers once it is done (unless the first token already ends
-       the request). The response does not wait for the transfer (`first_token_before_kv`): it is off
+    3. send the pages with the KV transport: by default all layers once the prompt is done (unless the
+       first token already ends the request), or with `kv_layer_push` layer by layer while the prompt's
+       last step computes. The response does not wait for the transfer (`first_token_before_kv`): it is off
        the TTFT path and decode's Attach waits for it
     4. release the held blocks on every exit path: success, transfer failure, cancel, deadline (the
        lease states of transport/lifecycle.py: HELD -> SENDING -> SENT, or ABORTED)
@@ -62,7 +62,9 @@ class PrefillServiceConfig(WorkerConfig):
         default="auto", metadata={"help": "KV transports this worker can send over: auto (by device) or one"}
     )
     kv_layer_push: bool = field(
-        default=True, metadata={"help": "send each layer's pages as soon as they are ready (vs all layers, then send)"}
+        # Off by default: on one H200 the per-layer copies slowed the 2k-token prefill they overlap by more
+        # than they saved (BENCHMARKS.md, issue 5); across GPUs, where copies don't share SMs, measure again.
+        default=False, metadata={"help": "send each layer's pages as soon as they are ready (vs all layers, then send)"}
     )
     kv_device_checksum: bool = field(
         default=False, metadata={"help": "checksum the pages on the device; decode rejects a mismatch (re-prefill)"}
@@ -107,7 +109,7 @@ def first_token(out: RequestOutput) -> SampledToken:
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(
         self, worker: EngineWorker, senders: dict[str, KVSender], kv_timeout_s: float, background: bool = True,
-        metrics: Metrics | None = None, device_checksum: bool = False, layer_push: bool = True,
+        metrics: Metrics | None = None, device_checksum: bool = False, layer_push: bool = False,
         channels=None,
     ):
         self.worker, self.senders, self.kv_timeout_s = worker, senders, kv_timeout_s

@@ -116,8 +116,8 @@ def test_split_generation_equals_in_process_engine(engines, tokenizer):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "prefill_options",
-    [{"kv_layer_push": False}, {"first_token_before_kv": False, "kv_device_checksum": True}],
-    ids=["whole-request", "layer-push-in-response-path-with-checksum"],
+    [{"kv_layer_push": True}, {"kv_layer_push": True, "first_token_before_kv": False, "kv_device_checksum": True}],
+    ids=["layer-push", "layer-push-in-response-path-with-checksum"],
 )
 def test_every_push_mode_gives_the_in_process_tokens_and_leaves_nothing_open(engines, tokenizer, prefill_options):
     prefill_engine, decode_engine, reference = engines
