@@ -66,7 +66,9 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=self.device, dtype=self.dtype)
+        loaded = model if isinstance(model, LoadedModel) else load_model(
+            model, device=self.device, dtype=self.dtype, quantization=self.config.quantization
+        )
         self.model_source = loaded.source
         self.model_config: ModelConfig = loaded.config
         self.max_model_len = min(
@@ -83,6 +85,7 @@ class LLMEngine:
             dtype=self.dtype,
             eos_token_id=eos_token_ids or None,
             max_model_len=self.max_model_len,
+            calibration_tokens=_calibration_tokens(loaded, self.config),
         )
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished prefill-only requests whose blocks await transfer
@@ -317,3 +320,13 @@ class LLMEngine:
         while request_id in self.requests:
             self.step()
         self.runner.capture_graphs()
+
+
+def _calibration_tokens(loaded: LoadedModel, config: EngineConfig) -> list[int] | None:
+    """The calibration text through the model's tokenizer, when AWQ or an fp8 KV cache needs a pass."""
+    if not (config.quant_awq or config.kv_cache_dtype == "fp8_e4m3") or loaded.tokenizer_source is None:
+        return None
+    from stageserve.engine.quant.calibrate import calibration_token_ids
+    from stageserve.tokenizer.text_tokenizer import load_tokenizer
+
+    return calibration_token_ids(load_tokenizer(loaded.tokenizer_source), loaded.config.vocab_size)

@@ -13,7 +13,7 @@ def load_model_and_tokenizer(model: str | None, config: EngineConfig | None = No
     """Dummy weights are drawn directly on the engine's device and dtype; real ones are read on the CPU."""
     config = config or EngineConfig()
     device = resolve_device(config.device)
-    loaded = load_model(model, device=device, dtype=resolve_dtype(config.dtype, device))
+    loaded = load_model(model, device=device, dtype=resolve_dtype(config.dtype, device), quantization=config.quantization)
     tokenizer = load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
     return loaded, tokenizer
 

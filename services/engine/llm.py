@@ -73,7 +73,7 @@ class Completion:
 
 class LLM:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None):
-        loaded = load_model(model)
+        loaded = load_model(model, quantization=(config or EngineConfig()).quantization)
         self.tokenizer: TextTokenizer | None = (
             load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
         )
