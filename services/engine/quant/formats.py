@@ -5,7 +5,7 @@ and per (row, group) a scale and an offset with `w = q * scale + offset`:
 
     format      bits  group  q        scale           offset
     int8        8     K      -127..127  amax / 127      none (symmetric, per output channel)
-    int4        4     64/128 0..15    (max - min)/15  -zero * scale (asymmetric)
+    int4        4     64/128 0..15    (max - min)/15  min (asymmetric)
     gguf q8_0   8     32     int8     d               none
     gguf q4_0   4     32     0..15    d               -8 d
     gguf q4_1   4     32     0..15    d               m
@@ -105,16 +105,20 @@ def quantize_int8(w: torch.Tensor) -> PackedWeight:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> PackedWeight:
-    """Asymmetric INT4 per group along K: q = clamp(round(w / s) + z, 0, 15), w ~ (q - z) s."""
+    """Asymmetric INT4 per group along K: w ~ q s + m with m the group's minimum, q = round((w - m) / s).
+
+    The offset is a float (not an integer zero point -z s), so both ends of the range are exact and
+    every weight is within half a step: an integer zero point rounds the grid and clips up to a step.
+    """
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the INT4 group size {group_size}")
     g = w.float().reshape(n, k // group_size, group_size)
-    lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)  # the range holds 0, so 0 is exact
-    scale = ((hi - lo) / 15).clamp_min(1e-8).half().float()  # rounded first: q is computed against it
-    zero = torch.round(-lo / scale).clamp(0, 15)
-    q = (torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
-    return PackedWeight(pack_int4(q.reshape(n, k)), scale.half(), (-zero * scale).half(), 4, "int4")
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-8).half().float()  # rounded first: q is computed against them
+    offset = lo.half().float()
+    q = torch.round((g - offset.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+    return PackedWeight(pack_int4(q.reshape(n, k)), scale.half(), offset.half(), 4, "int4")
 
 
 def quantize_gguf(w: torch.Tensor, fmt: str) -> PackedWeight:
