@@ -25,39 +25,10 @@ import triton
 import triton.language as tl
 
 from stageserve.kernels._common import FLOAT_DTYPES, check_launch_device, check_tensor, dot_flags, interpreting, mma, next_pow2
+from stageserve.kernels.quant_ref import dequantize_ref, pack_int4, quant_matmul_ref, unpack_int4  # noqa: F401 (re-exported)
 
 SCALE_DTYPES = (torch.float16, torch.float32)
 GEMV_MAX_M = 8  # the 4-D register tile of quant_gemv grows with BLOCK_M; past this quant_mm is the better kernel
-
-
-# -- references ---------------------------------------------------------------------------------------
-
-
-def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K // 2] -> uint8 [N, K] of 0..15, in k order (low nibble first)."""
-    return torch.stack((qweight & 0xF, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] of 0..15 -> uint8 [N, K // 2], the inverse of `unpack_int4`."""
-    q = q.to(torch.uint8).reshape(q.shape[0], -1, 2)
-    return q[..., 0] | (q[..., 1] << 4)
-
-
-def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """The float32 weight [N, K] that every kernel here computes with."""
-    q = unpack_int4(qweight) if bits == 4 else qweight
-    n, k = q.shape
-    group = k // scales.shape[1]
-    w = q.float().view(n, -1, group) * scales.float().unsqueeze(-1)
-    if offsets is not None:
-        w = w + offsets.float().unsqueeze(-1)
-    return w.view(n, k)
-
-
-def quant_matmul_ref(x: torch.Tensor, qweight, scales, offsets, bits: int) -> torch.Tensor:
-    """Dequantize, then matmul in float32: [M, K] -> [M, N] in x's dtype. The CPU execution path."""
-    return (x.float() @ dequantize_ref(qweight, scales, offsets, bits).t()).to(x.dtype)
 
 
 # -- kernels ------------------------------------------------------------------------------------------
@@ -203,8 +174,10 @@ def _dequantize_kernel(
     rn64 = rn.to(tl.int64)
     cs = tl.arange(0, COLS)
     w = tl.load(w_ptr + rn64[:, None] * stride_wn + g * COLS + cs[None, :], mask=n_ok[:, None], other=0)
-    s_col = g * (1 - PER_CHANNEL)  # per-channel scales have one column
-    s = tl.load(s_ptr + rn64 * stride_sn + s_col, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if PER_CHANNEL:  # one scale column
+        s = tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    else:
+        s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     o = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
     if HAS_OFFSET:
         o = tl.load(o_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -273,11 +246,13 @@ def quant_gemv(
     m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
     assert 1 <= m <= GEMV_MAX_M, f"quant_gemv takes 1..{GEMV_MAX_M} rows, got {m}; use quant_mm"
     block_m = next_pow2(m)
-    # ~256 bytes of each weight row per K step keeps enough loads in flight without spilling the 4-D tile.
-    groups = max(1, min(next_pow2(256 * (8 // bits) // tile), next_pow2(k // tile)))
-    groups = max(1, groups // block_m) if not interpreting() else min(groups, 2)
-    if block_n is None:
-        block_n = 16 if interpreting() else (32 if m == 1 else 16)
+    if block_n is None:  # few rows per program: many programs (several per SM) keep enough loads in flight
+        block_n = 16 if interpreting() else 8
+    # The 4-D product tile [BLOCK_M, BLOCK_N, GROUPS, COLS] is held near 8K elements (~64 registers a thread
+    # at 4 warps): at batch 1 and BLOCK_N 8 that is 512 bytes of each 4-bit row per K step.
+    groups = max(1, min(next_pow2(8192 // (block_m * block_n * tile)), next_pow2(k // tile)))
+    if interpreting():
+        groups = min(groups, 2)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _quant_gemv_kernel[grid](
         x, qweight, scales, scales if offsets is None else offsets, out, m, n, k,
@@ -304,8 +279,8 @@ def quant_mm(
         return out
     if block_m is None:
         block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
-    if block_n is None:
-        block_n = 16 if interpreting() else (64 if block_m >= 64 else 128)
+    if block_n is None:  # small M is weight-bound: narrow tiles for more programs; large M: wider for reuse
+        block_n = 16 if interpreting() else (32 if block_m <= 32 else 64)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _quant_mm_kernel[grid](
         x, qweight, scales, scales if offsets is None else offsets, out, m, n, k,

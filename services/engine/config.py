@@ -108,6 +108,11 @@ class EngineConfig:
     quant_fused_max_batch: int = field(
         default=64, metadata={"help": "largest batch run by the tiled fused kernel; above it dequantize + GEMM", "min": 0}
     )
+    quant_dispatch: Literal["tune", "fixed"] = field(
+        default="tune",
+        metadata={"help": "tune: each quantized layer times its kernels once per batch bucket (CUDA) and keeps the "
+                  "fastest; fixed: the two batch thresholds above decide"},
+    )  # fmt: skip
     kv_cache_dtype: Literal["auto", "fp8_e4m3"] = field(
         default="auto", metadata={"help": "KV cache storage: auto (the model dtype) or fp8_e4m3 with per-layer scales"}
     )

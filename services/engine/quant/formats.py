@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stageserve.kernels.quant_matmul import dequantize_ref, pack_int4
+from stageserve.kernels.quant_ref import dequantize_ref, pack_int4
 
 GGUF_TYPES = ("q4_0", "q4_1", "q8_0")
 GGUF_GROUP = 32

@@ -10,8 +10,10 @@ which kernel runs is decided by the `QuantSpec`:
     gguf   PackedLinear: Q4_0/Q4_1/Q8_0 blocks kept packed    /
     fp8    Fp8Linear: e4m3 weights and activations, torch._scaled_mm on Hopper
 
-Per shape (batch rows M of the step), PackedLinear picks: M <= gemv_max_batch the GEMV kernel (every
-weight byte read once), M <= fused_max_batch the tiled fused kernel, above that dequantize + cuBLAS.
+Per shape (batch rows M of the step), PackedLinear picks among the GEMV kernel (M <= 8: every weight
+byte read once), the tiled fused kernel, and dequantize + cuBLAS. With `quant_dispatch="tune"` (the
+default) each layer times the candidates the first time it sees a batch bucket (next power of two of M)
+and keeps the fastest; "fixed" uses the thresholds gemv_max_batch / fused_max_batch.
 On the CPU the execution path is the reference (dequantize, then matmul in float32); the dequantized
 float32 weight is made once and kept, since re-dequantizing every step costs ~10x the matmul there.
 
@@ -50,6 +52,7 @@ class QuantSpec:
     gguf_type: str = "q4_1"  # for float weights under "gguf"
     gemv_max_batch: int = 4
     fused_max_batch: int = 64
+    dispatch: str = "tune"  # "tune" (time the candidates per batch bucket, once) or "fixed" (the thresholds)
     quantize_lm_head: bool = True
 
     @classmethod
@@ -58,6 +61,7 @@ class QuantSpec:
             method=config.quantization, group_size=config.quant_group_size, awq=config.quant_awq,
             fp8_scaling=config.fp8_scaling, gguf_type=config.gguf_quant_type,
             gemv_max_batch=config.quant_gemv_max_batch, fused_max_batch=config.quant_fused_max_batch,
+            dispatch=config.quant_dispatch,
             quantize_lm_head=config.quantize_lm_head,
         )  # fmt: skip
 
@@ -107,6 +111,7 @@ class PackedLinear(QuantizedLinear):
         self.input_scale: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None  # float weight kept until calibration (AWQ) quantizes it
         self._cpu_weight: torch.Tensor | None = None  # off CUDA: the reference's dequantized weight, made once
+        self._choice: dict[int, str] = {}  # batch bucket -> kernel, filled by tuning
 
     def quantize(self, weight: torch.Tensor) -> PackedWeight:
         method = self.spec.method
@@ -149,16 +154,33 @@ class PackedLinear(QuantizedLinear):
             if self._cpu_weight is None:
                 self._cpu_weight = p.dequantize()
             return self._finish((x2.float() @ self._cpu_weight.t()).to(x.dtype), shape)
+        x2 = x2.contiguous()
+        return self._finish(self._kernels()[self._pick(x2)](x2), shape)
+
+    def _kernels(self) -> dict:
         from stageserve.kernels import quant_matmul as qm
 
-        x2 = x2.contiguous()
-        if m <= min(self.spec.gemv_max_batch, qm.GEMV_MAX_M):
-            out = qm.quant_gemv(x2, p.qweight, p.scales, p.offsets, p.bits)
-        elif m <= self.spec.fused_max_batch:
-            out = qm.quant_mm(x2, p.qweight, p.scales, p.offsets, p.bits)
-        else:  # compute-bound: one dequantize pass, then the tensor-core GEMM
-            out = x2 @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x2.dtype).t()
-        return self._finish(out, shape)
+        p = self.packed
+        return {
+            "gemv": lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits),
+            "mm": lambda x: qm.quant_mm(x, p.qweight, p.scales, p.offsets, p.bits),
+            # compute-bound: one dequantize pass, then the tensor-core GEMM
+            "dequant": lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t(),
+        }
+
+    def _pick(self, x: torch.Tensor) -> str:
+        from stageserve.kernels.quant_matmul import GEMV_MAX_M
+
+        m = x.shape[0]
+        spec = self.spec
+        fixed = "gemv" if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else ("mm" if m <= spec.fused_max_batch else "dequant")
+        if spec.dispatch != "tune" or torch.cuda.is_current_stream_capturing():
+            return self._choice.get(1 << max(0, m - 1).bit_length(), fixed)
+        bucket = 1 << max(0, m - 1).bit_length()
+        if bucket not in self._choice:
+            candidates = [k for k in self._kernels() if k != "gemv" or m <= GEMV_MAX_M]
+            self._choice[bucket] = min(candidates, key=lambda k: _time_cuda(self._kernels()[k], x))
+        return self._choice[bucket]
 
 
 class Fp8Linear(QuantizedLinear):
@@ -173,6 +195,7 @@ class Fp8Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, spec)
         self.weight_fp8: torch.Tensor | None = None  # [out, in] float8_e4m3fn
         self.weight_scale: torch.Tensor | None = None  # [out, 1] or [1, 1] float32
+        self._scale_b: torch.Tensor | None = None  # the same as _scaled_mm takes it: [1, out] contiguous, or 0-dim
         self.per_row = spec.fp8_scaling == "channel"
         self._cpu_weight: torch.Tensor | None = None  # off the FP8 path: the dequantized weight, made once
 
@@ -183,6 +206,7 @@ class Fp8Linear(QuantizedLinear):
             raise ModelLoadError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
         q, scale = quantize_fp8(weight.to(device), self.per_row)
         self.weight_fp8, self.weight_scale = q.contiguous(), scale
+        self._scale_b = scale.t().contiguous() if self.per_row else scale.reshape(())
 
     def weight_bytes(self) -> int:
         return self.weight_fp8.numel() + self.weight_scale.numel() * 4
@@ -195,16 +219,27 @@ class Fp8Linear(QuantizedLinear):
         x2 = x.reshape(-1, self.in_features)
         xq, x_scale = quantize_fp8(x2, self.per_row)  # [M, K] e4m3, [M, 1] or [1, 1]
         if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 9):
-            w_scale = self.weight_scale.t() if self.per_row else self.weight_scale.reshape(())
             out = torch._scaled_mm(
                 xq, self.weight_fp8.t(), scale_a=x_scale if self.per_row else x_scale.reshape(()),
-                scale_b=w_scale, out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
+                scale_b=self._scale_b, out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
             ).to(x.dtype)  # fmt: skip
         else:
             if self._cpu_weight is None:
                 self._cpu_weight = self.dequantized_weight()
             out = ((xq.float() * x_scale) @ self._cpu_weight.t()).to(x.dtype)
         return self._finish(out, shape)
+
+
+def _time_cuda(fn, x: torch.Tensor, iters: int = 5) -> float:
+    """Seconds of fn(x) on the current stream (the first call also compiles, so it is not timed)."""
+    fn(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, spec: QuantSpec | None) -> nn.Module:
