@@ -29,6 +29,7 @@ VARIANTS: dict[str, dict] = {
     "int8": {"quantization": "int8"},
     "int4": {"quantization": "int4", "quant_group_size": 128},
     "int4-g64": {"quantization": "int4", "quant_group_size": 64},
+    "int4-g32": {"quantization": "int4", "quant_group_size": 32},
     "int4-awq": {"quantization": "int4", "quant_group_size": 128, "quant_awq": True},
     "gguf": {"quantization": "gguf"},
     "fp8": {"quantization": "fp8", "fp8_scaling": "channel"},
