@@ -68,25 +68,17 @@ def log(section: str, **values) -> None:
 
 
 def timed(fn, iters: int) -> float:
-    """Median seconds of fn()."""
-    for _ in range(2):
-        fn()
-    if not ON_GPU:
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    """Median seconds of fn(): CUDA events on the GPU (gpu_engine's timer), the wall clock on the CPU."""
+    if ON_GPU:
+        from gpu_engine import cuda_time  # benchmarks/ is on sys.path when this script runs
+
+        return cuda_time(fn, iters)
+    fn()
     times = []
     for _ in range(iters):
-        start.record()
+        t = time.perf_counter()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
@@ -214,8 +206,12 @@ def decode_format(loaded, fmt, overrides, batches, ctx, iters, copy_bw, base_tps
         step = lambda: model.compute_logits(model(ids, pos, runner.kv_caches, meta))  # noqa: E731
         with torch.inference_mode():
             if ON_GPU:
-                for _ in range(2):
-                    step()
+                side = torch.cuda.Stream()  # warm up (compile, tune) off the capture's stream, as CudaGraphRunner does
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        step()
+                torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     step()
@@ -260,8 +256,11 @@ def main() -> int:
     parser.add_argument("--phases", default="ceilings,parity,kernels,decode")
     parser.add_argument("--model", default=None, help="default: dummy:llama-3-8b (dummy:tiny with --smoke)")
     parser.add_argument("--ctx", type=int, default=128, help="cached tokens per sequence in the decode phase")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="decode-phase formats (bf16 first: the baseline)")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
+    for name in [f for f in FORMATS if f not in args.formats.split(",")]:
+        del FORMATS[name]
     if args.smoke:
         shapes = {"tiny": (96, 256)}
         parity_batches, kernel_batches, decode_batches, iters = [1, 3, 8, 33], [1, 8], [1, 4], 2

@@ -23,7 +23,7 @@ group-aligned columns (`PackedWeight.narrow`), so a parallel linear can wrap `lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -53,6 +53,9 @@ class QuantSpec:
     gemv_max_batch: int = 4
     fused_max_batch: int = 64
     dispatch: str = "tune"  # "tune" (time the candidates per batch bucket, once) or "fixed" (the thresholds)
+    # (out, in, bits, group, batch bucket) -> kernel name, shared by the layers of one model so each shape is
+    # timed once; not part of the spec's identity.
+    choices: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     quantize_lm_head: bool = True
 
     @classmethod
@@ -111,7 +114,6 @@ class PackedLinear(QuantizedLinear):
         self.input_scale: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None  # float weight kept until calibration (AWQ) quantizes it
         self._cpu_weight: torch.Tensor | None = None  # off CUDA: the reference's dequantized weight, made once
-        self._choice: dict[int, str] = {}  # batch bucket -> kernel, filled by tuning
 
     def quantize(self, weight: torch.Tensor) -> PackedWeight:
         method = self.spec.method
@@ -171,16 +173,16 @@ class PackedLinear(QuantizedLinear):
     def _pick(self, x: torch.Tensor) -> str:
         from stageserve.kernels.quant_matmul import GEMV_MAX_M
 
-        m = x.shape[0]
-        spec = self.spec
+        m, spec, p = x.shape[0], self.spec, self.packed
         fixed = "gemv" if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else ("mm" if m <= spec.fused_max_batch else "dequant")
-        if spec.dispatch != "tune" or torch.cuda.is_current_stream_capturing():
-            return self._choice.get(1 << max(0, m - 1).bit_length(), fixed)
-        bucket = 1 << max(0, m - 1).bit_length()
-        if bucket not in self._choice:
-            candidates = [k for k in self._kernels() if k != "gemv" or m <= GEMV_MAX_M]
-            self._choice[bucket] = min(candidates, key=lambda k: _time_cuda(self._kernels()[k], x))
-        return self._choice[bucket]
+        key = (*p.shape, p.bits, p.group_size, 1 << max(0, m - 1).bit_length())
+        if spec.dispatch != "tune" or torch.cuda.is_current_stream_capturing():  # never sync inside a capture
+            return spec.choices.get(key, fixed)
+        if key not in spec.choices:
+            kernels = self._kernels()
+            candidates = [k for k in kernels if k != "gemv" or m <= GEMV_MAX_M]
+            spec.choices[key] = min(candidates, key=lambda k: _time_cuda(kernels[k], x))
+        return spec.choices[key]
 
 
 class Fp8Linear(QuantizedLinear):
