@@ -133,7 +133,7 @@ def evaluate(
 
 
 TABLE_HEADER = (
-    "| variant | perplexity | vs baseline | top-1 agreement | greedy agreement | exact continuations | projection weights |\n"
+    "| variant | perplexity | vs baseline | top-1 agreement | greedy agreement | exact continuations | projection + head weights |\n"
     "|---|---|---|---|---|---|---|"
 )
 
