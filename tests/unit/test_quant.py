@@ -209,3 +209,19 @@ def test_engine_on_kept_gguf_blocks_generates_like_the_dequantized_model(tiny_gg
     assert isinstance(layer.self_attn.qkv_proj, PackedLinear) and layer.self_attn.qkv_proj.packed.fmt == "q4_1"
     assert isinstance(engine.runner.model.lm_head, PackedLinear)  # untied head: quantized too
     assert greedy(packed, quantization="gguf") == greedy(dense)
+
+
+def test_cli_takes_quantization_flags_from_engine_config():
+    from stageserve.cli import build_parser, engine_config_from_args
+
+    args = build_parser().parse_args(
+        ["generate", "hi", "--local", "--quantization", "int4", "--quant-group-size", "64", "--quant-awq",
+         "--kv-cache-dtype", "fp8_e4m3", "--quant-dispatch", "fixed"]
+    )  # fmt: skip
+    config = engine_config_from_args(args)
+    assert (config.quantization, config.quant_group_size, config.quant_awq) == ("int4", 64, True)
+    assert (config.kv_cache_dtype, config.quant_dispatch) == ("fp8_e4m3", "fixed")
+    ev = build_parser().parse_args(["eval-quality", "--quantization", "int8", "fp8", "--max-tokens", "4"])
+    assert ev.quantization == ["int8", "fp8"] and ev.max_tokens == 4
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval-quality", "--quantization", "int3"])
