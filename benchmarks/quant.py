@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from stageserve.engine.attention import AttentionMetadata  # noqa: E402
 from stageserve.engine.config import EngineConfig  # noqa: E402
 from stageserve.engine.loader.weights import load_model  # noqa: E402
-from stageserve.engine.quant.formats import quantize_fp8, quantize_gguf, quantize_int4, quantize_int8  # noqa: E402
+from stageserve.engine.quant.formats import quantize_fp8  # noqa: E402
 from stageserve.engine.quant.linear import Fp8Linear, PackedLinear, QuantSpec, linear_weight_bytes  # noqa: E402
 from stageserve.engine.runner import ModelRunner  # noqa: E402
 from stageserve.kernels import quant_matmul as qm  # noqa: E402
@@ -52,14 +52,8 @@ FORMATS = {
     "gguf-q8_0": {"quantization": "gguf", "gguf_quant_type": "q8_0"},
     "fp8": {"quantization": "fp8", "fp8_scaling": "channel"},
 }
-# name -> quantizer for the kernel phases
-QUANTIZERS = {
-    "int8": quantize_int8,
-    "int4": lambda w: quantize_int4(w, 128),
-    "q4_0": lambda w: quantize_gguf(w, "q4_0"),
-    "q4_1": lambda w: quantize_gguf(w, "q4_1"),
-    "q8_0": lambda w: quantize_gguf(w, "q8_0"),
-}
+# weight formats of the kernel phases (plus fp8, which runs through _scaled_mm)
+KERNEL_FORMATS = ("int8", "int4", "q4_0", "q4_1", "q8_0")
 
 
 def log(section: str, **values) -> None:
@@ -122,7 +116,7 @@ def kernel_phases(shapes, batches, iters: int, tol: float) -> bool:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     for name, (n, k) in shapes.items():
         w = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.02).to(DTYPE)
-        for fmt in [*QUANTIZERS, "fp8"]:
+        for fmt in [*KERNEL_FORMATS, "fp8"]:
             try:
                 ok &= kernel_rows(name, fmt, w, batches, iters, tol, gen)
             except Exception as exc:  # logged as a failure; the other formats still run
@@ -271,21 +265,29 @@ def main() -> int:
         model, ctx = args.model or "dummy:llama-3-8b", args.ctx
     RESULTS.update({"smoke": args.smoke, "device": str(DEVICE), "dtype": str(DTYPE), "torch": torch.__version__, "ctx": ctx})
     t0 = time.monotonic()
+
+    def save() -> None:  # after every phase, so a run cut short by its time limit still leaves its rows
+        RESULTS["wall_s"] = time.monotonic() - t0
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "quant.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
     ok = True
     copy_bw = ceilings() if "ceilings" in phases else float("nan")
     with torch.inference_mode():
         if "parity" in phases:
             ok &= kernel_phases(shapes, parity_batches, 0, 2e-2 if DTYPE == torch.bfloat16 else 1e-4)
+            RESULTS["parity_ok"] = ok
+            save()
         if "kernels" in phases:
             kernel_phases({k: v for k, v in shapes.items() if k in ("tiny", "qkv", "down")}, kernel_batches, iters, float("inf"))
+            save()
     if "decode" in phases:
         decode_phase(model, decode_batches, ctx, iters, copy_bw)
         summary()
-    RESULTS["parity_ok"], RESULTS["wall_s"] = ok, time.monotonic() - t0
+    RESULTS["parity_ok"] = ok
+    save()
     print(f"parity {'OK' if ok else 'FAILED'}; {RESULTS['wall_s']:.1f} s", flush=True)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "quant.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     return 0 if ok else 1
 
 
