@@ -6,6 +6,7 @@
     stageserve bench --target HOST:PORT [--dataset SHAREGPT.json] [--request-rate R] [--concurrency N] ...
     stageserve serve ROLE [the role's flags]     one service: tokenizer, sample, draft, prefill, decode, gateway
     stageserve up [--model M] [--decode-replicas N] [--sampler remote] ...   all of them, one process each
+    stageserve eval-quality [--model M] [--quantization VARIANT ...]      perplexity and greedy agreement vs unquantized
 """
 
 from __future__ import annotations
@@ -154,6 +155,24 @@ def add_bench_parser(sub) -> None:
     bench.set_defaults(func=cmd_bench)
 
 
+def cmd_eval_quality(args: argparse.Namespace) -> int:
+    from stageserve.engine.quant.quality import cmd_eval_quality as run
+
+    return run(args)
+
+
+def add_eval_quality_parser(sub) -> None:
+    from stageserve.engine.quant.quality import add_eval_quality_args
+
+    ev = sub.add_parser(
+        "eval-quality", help="perplexity and greedy agreement of quantized variants against the unquantized model",
+        description="Load the model once per variant and compare it with the unquantized baseline on a fixed corpus "
+        "and prompt set that ship with stageserve (no download).",
+    )  # fmt: skip
+    add_eval_quality_args(ev)
+    ev.set_defaults(func=cmd_eval_quality)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stageserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_up_parser(sub)
     add_chat_parser(sub)
     add_bench_parser(sub)
+    add_eval_quality_parser(sub)
     return parser
 
 

@@ -6,6 +6,9 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
+from stageserve.common.errors import InvalidArgumentError
 from stageserve.common.server import ServerConfig
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine
@@ -35,7 +38,9 @@ class WorkerConfig:
 
 def kv_layout(engine: LLMEngine) -> KVLayout:
     m, c = engine.model_config, engine.config
-    return KVLayout(m.num_layers, c.block_size, m.num_kv_heads, m.head_dim, engine.dtype)
+    if engine.runner.kv_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InvalidArgumentError("engine.kv_cache_dtype", "the KV transport does not carry fp8 pages yet")
+    return KVLayout(m.num_layers, c.block_size, m.num_kv_heads, m.head_dim, engine.runner.kv_dtype)
 
 
 def pool_stats_pb(engine: LLMEngine) -> common_pb2.KVPoolStats:

@@ -8,6 +8,9 @@ and a token at position p of a sequence lives in block `block_table[p // block_s
 `p % block_size`; its flat slot id is `block_id * block_size + p % block_size`.
 
 Each step the runner builds one `AttentionMetadata` and passes it into `forward()` explicitly.
+
+An fp8 (e4m3) cache stores k / k_scale and v / v_scale per layer (`kv_scale`, set by calibration);
+TorchAttention dequantizes the pages it reads. The Triton backend does not take an fp8 cache yet.
 """
 
 from __future__ import annotations
@@ -64,19 +67,48 @@ class AttentionBackend(abc.ABC):
         ...
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new keys and values into their cache slots."""
+FP8_KV_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = 448.0
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    kv_scale: tuple[float, float] | None = None,
+) -> None:  # fmt: skip
+    """Scatter new keys and values into their cache slots (divided by their scales into an fp8 cache)."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    if kv_cache.dtype == FP8_KV_DTYPE:
+        ks, vs = kv_scale or (1.0, 1.0)
+        k = (k.float() / ks).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_KV_DTYPE)  # e4m3 has no inf: saturate
+        v = (v.float() / vs).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_KV_DTYPE)
+        flat, k, v = flat.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)  # no fp8 index_copy on CPU
     flat[0].index_copy_(0, slot_mapping, k)
     flat[1].index_copy_(0, slot_mapping, v)
+
+
+def index_blocks(kv_cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """kv_cache[:, table]: [2, *table.shape, block_size, kv_heads, head_dim] (fp8 gathered as raw bytes)."""
+    if kv_cache.dtype == FP8_KV_DTYPE:
+        return kv_cache.view(torch.uint8)[:, table].view(FP8_KV_DTYPE)
+    return kv_cache[:, table]
+
+
+def dequant_kv(
+    kv: torch.Tensor, kv_scale: tuple[float, float] | None, dtype: torch.dtype
+) -> torch.Tensor:  # kv: [2, ...] pages of keys and values -> the same in `dtype`
+    if kv.dtype != FP8_KV_DTYPE:
+        return kv
+    ks, vs = kv_scale or (1.0, 1.0)
+    scale = torch.tensor([ks, vs], dtype=torch.float32, device=kv.device).view(2, *([1] * (kv.dim() - 1)))
+    return (kv.float() * scale).to(dtype)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's first `length` keys and values, each [length, num_kv_heads, head_dim]."""
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_blocks = -(-length // block_size)
-    blocks = kv_cache[:, block_table[:num_blocks]]  # [2, n, block_size, kv_heads, head_dim]
+    blocks = index_blocks(kv_cache, block_table[:num_blocks])  # [2, n, block_size, kv_heads, head_dim]
     blocks = blocks.reshape(2, num_blocks * block_size, num_kv_heads, head_dim)[:, :length]
     return blocks[0], blocks[1]
 
@@ -84,14 +116,16 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
 class TorchAttention(AttentionBackend):
     """Plain-torch attention (SDPA). Runs anywhere; the CPU default and the reference for GPU kernels."""
 
-    def forward(self, q, k, v, kv_cache, meta, scale):
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+    def forward(self, q, k, v, kv_cache, meta, scale, kv_scale: tuple[float, float] | None = None):
+        write_kv(k, v, kv_cache, meta.slot_mapping, kv_scale)
         if meta.is_decode_only:
-            return self._decode(q, kv_cache, meta, scale)
+            return self._decode(q, kv_cache, meta, scale, kv_scale)
         out = torch.empty_like(q)
         for i, seq_len in enumerate(meta.seq_lens_host):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             keys, values = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+            if kv_cache.dtype == FP8_KV_DTYPE:
+                keys, values = dequant_kv(torch.stack((keys, values)), kv_scale, q.dtype)
             out[start:end] = self._attend(q[start:end], keys, values, scale)
         return out
 
@@ -110,13 +144,15 @@ class TorchAttention(AttentionBackend):
         return out.transpose(0, 1)
 
     @staticmethod
-    def _decode(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _decode(
+        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, kv_scale=None
+    ) -> torch.Tensor:
         """All sequences at once: one new token each, contexts padded to the longest and masked."""
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         num_seqs = meta.num_seqs
         max_blocks = -(-meta.max_seq_len // block_size)
         table = meta.block_tables[:, :max_blocks]
-        blocks = kv_cache[:, table]  # [2, seqs, max_blocks, block_size, kv_heads, head_dim]
+        blocks = dequant_kv(index_blocks(kv_cache, table), kv_scale, q.dtype)  # [2, seqs, max_blocks, block_size, kv_heads, head_dim]
         kv = blocks.reshape(2, num_seqs, max_blocks * block_size, num_kv_heads, head_dim).transpose(2, 3)
         mask = meta.backend_state.get("decode_mask")
         if mask is None:  # the same for every layer of the step

@@ -7,6 +7,7 @@ metadata, and the CLI fills `EngineConfig` from flags.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from stageserve.common.errors import InvalidArgumentError
 
@@ -89,6 +90,37 @@ class EngineConfig:
         metadata={"help": "GPUs (from `device` on) one engine's weights and KV heads are split over; on CPU, gloo ranks (tests)",
                   "min": 1, "max": 64},
     )
+    # Quantization (stageserve.engine.quant): weights are quantized, or GGUF blocks kept, at load.
+    quantization: Literal["none", "int8", "int4", "fp8", "gguf"] = field(
+        default="none",
+        metadata={"help": "weight format of the projections: none (the model dtype), int8 (per channel), int4 "
+                  "(asymmetric, grouped), fp8 (e4m3 weights and activations), gguf (Q4_0/Q4_1/Q8_0 blocks kept packed)"},
+    )  # fmt: skip
+    quant_group_size: int = field(default=128, metadata={"help": "int4 group size along the input: 64 or 128"})
+    quant_awq: bool = field(
+        default=False, metadata={"help": "int4: activation-aware per-channel scales searched on a small calibration text"}
+    )
+    fp8_scaling: Literal["channel", "tensor"] = field(
+        default="channel", metadata={"help": "fp8 scales: per output channel and per token, or one per tensor"}
+    )
+    gguf_quant_type: Literal["q4_0", "q4_1", "q8_0"] = field(
+        default="q4_1", metadata={"help": "gguf: block type for weights that arrive as floats (dummy/HF models)"}
+    )
+    quantize_lm_head: bool = field(default=True, metadata={"help": "quantize an untied LM head too"})
+    quant_gemv_max_batch: int = field(
+        default=4, metadata={"help": "largest batch run by the weight-streaming GEMV kernel (<= 8)", "min": 0, "max": 8}
+    )
+    quant_fused_max_batch: int = field(
+        default=64, metadata={"help": "largest batch run by the tiled fused kernel; above it dequantize + GEMM", "min": 0}
+    )
+    quant_dispatch: Literal["tune", "fixed"] = field(
+        default="tune",
+        metadata={"help": "tune: each quantized layer times its kernels once per batch bucket (CUDA) and keeps the "
+                  "fastest; fixed: the two batch thresholds above decide"},
+    )  # fmt: skip
+    kv_cache_dtype: Literal["auto", "fp8_e4m3"] = field(
+        default="auto", metadata={"help": "KV cache storage: auto (the model dtype) or fp8_e4m3 with per-layer scales"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -102,3 +134,15 @@ class EngineConfig:
             raise InvalidArgumentError("attention_backend", f"unknown backend {self.attention_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidArgumentError("dtype", f"unknown dtype {self.dtype!r}")
+        if self.quantization not in ("none", "int8", "int4", "fp8", "gguf"):
+            raise InvalidArgumentError("quantization", f"unknown quantization {self.quantization!r}")
+        if self.quant_group_size not in (32, 64, 128):
+            raise InvalidArgumentError("quant_group_size", "must be 32, 64 or 128")
+        if self.quant_awq and self.quantization != "int4":
+            raise InvalidArgumentError("quant_awq", "applies to --quantization int4 only")
+        if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
+            raise InvalidArgumentError("kv_cache_dtype", f"unknown KV cache dtype {self.kv_cache_dtype!r}")
+        if self.tensor_parallel_size > 1 and (self.quantization != "none" or self.kv_cache_dtype != "auto"):
+            # Not yet: the ranks' shards and KV gathers assume unquantized weights and pages.
+            field = "quantization" if self.quantization != "none" else "kv_cache_dtype"
+            raise InvalidArgumentError(field, "is not supported with tensor_parallel_size > 1 yet")

@@ -69,7 +69,9 @@ class LLMEngine:
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         tp = leader_rank(self.config, self.device)  # None unless tensor_parallel_size > 1
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=self.device, dtype=self.dtype, tp=tp)
+        loaded = model if isinstance(model, LoadedModel) else load_model(
+            model, device=self.device, dtype=self.dtype, tp=tp, quantization=self.config.quantization
+        )
         self.model_source = loaded.source
         self.model_config: ModelConfig = loaded.config
         self.max_model_len = min(
@@ -79,10 +81,11 @@ class LLMEngine:
         self.kv = KVCacheManager(self.config.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv)
         runner_kwargs = dict(device=self.device, dtype=self.dtype, eos_token_id=eos_token_ids or None, max_model_len=self.max_model_len)
-        if tp is not None:  # rank 0 here, the other ranks in child processes
+        if tp is not None:  # rank 0 here, the other ranks in child processes (EngineConfig rules out quantization)
             self.runner = start_tensor_parallel(loaded, self.config, **runner_kwargs)
         else:
-            self.runner = ModelRunner(loaded.config, self.config, loaded.state_dict, **runner_kwargs)
+            calibration = _calibration_tokens(loaded, self.config)
+            self.runner = ModelRunner(loaded.config, self.config, loaded.state_dict, **runner_kwargs, calibration_tokens=calibration)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished prefill-only requests whose blocks await transfer
         # Prefill-only requests whose KV a transport pushes layer by layer: called as (layer, block ids)
@@ -347,3 +350,13 @@ class LLMEngine:
         while request_id in self.requests:
             self.step()
         self.runner.capture_graphs()
+
+
+def _calibration_tokens(loaded: LoadedModel, config: EngineConfig) -> list[int] | None:
+    """The calibration text through the model's tokenizer, when AWQ or an fp8 KV cache needs a pass."""
+    if not (config.quant_awq or config.kv_cache_dtype == "fp8_e4m3") or loaded.tokenizer_source is None:
+        return None
+    from stageserve.engine.quant.calibrate import calibration_token_ids
+    from stageserve.tokenizer.text_tokenizer import load_tokenizer
+
+    return calibration_token_ids(load_tokenizer(loaded.tokenizer_source), loaded.config.vocab_size)

@@ -17,7 +17,9 @@ def load_model_and_tokenizer(model: str | None, config: EngineConfig | None = No
     config = config or EngineConfig()
     device = resolve_device(config.device)
     tp = leader_rank(config, device)
-    loaded = load_model(model, device=device, dtype=resolve_dtype(config.dtype, device), tp=tp)
+    loaded = load_model(
+        model, device=device, dtype=resolve_dtype(config.dtype, device), tp=tp, quantization=config.quantization
+    )
     tokenizer = load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
     return loaded, tokenizer
 

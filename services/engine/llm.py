@@ -76,7 +76,8 @@ class Completion:
 class LLM:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None):
         config = config or EngineConfig()
-        loaded = load_model(model, tp=leader_rank(config, resolve_device(config.device)))  # under TP: rank 0's slices only
+        # under TP: rank 0's slices only
+        loaded = load_model(model, tp=leader_rank(config, resolve_device(config.device)), quantization=config.quantization)
         self.tokenizer: TextTokenizer | None = (
             load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
         )

@@ -18,6 +18,7 @@ from stageserve.common.errors import ModelLoadError
 from stageserve.engine.attention import AttentionBackend, AttentionMetadata
 from stageserve.engine.config import ModelConfig, RopeScaling
 from stageserve.engine.ops import TorchOps
+from stageserve.engine.quant.linear import QuantSpec, cat_weights, load_linear, make_linear
 
 
 class RMSNorm(nn.Module):
@@ -89,14 +90,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, quant: QuantSpec | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = make_linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias, quant)
+        self.o_proj = make_linear(self.q_size, config.hidden_size, False, quant)
         self.backend = backend
         self.scale = self.head_dim**-0.5
+        self.kv_scale: tuple[float, float] | None = None  # (k, v) dequant scales of an fp8 KV cache
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache, meta: AttentionMetadata):
         qkv = self.qkv_proj(x)  # [num_tokens, q_size + 2 * kv_size]
@@ -109,15 +111,16 @@ class Attention(nn.Module):
         else:
             # q and k rotate together: one set of RoPE ops per layer instead of two.
             q, k = apply_rope(qk, *rope).split([self.num_heads, self.num_kv_heads], dim=1)
-            out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)  # [num_tokens, heads, head_dim]
+            extra = {} if self.kv_scale is None else {"kv_scale": self.kv_scale}
+            out = self.backend.forward(q, k, v, kv_cache, meta, self.scale, **extra)  # [num_tokens, heads, head_dim]
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops):
+    def __init__(self, config: ModelConfig, ops, quant: QuantSpec | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = make_linear(config.hidden_size, 2 * config.intermediate_size, False, quant)
+        self.down_proj = make_linear(config.intermediate_size, config.hidden_size, False, quant)
         self.ops = ops
 
     def forward(self, x):
@@ -127,12 +130,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block. The residual stream is carried alongside, so each norm fuses the add before it."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, ops, quant: QuantSpec | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend)
+        self.self_attn = Attention(config, backend, quant)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, ops)
+        self.mlp = MLP(config, ops, quant)
         self.ops = ops
 
     def forward(self, x, residual, rope, kv_cache, meta):
@@ -152,16 +155,19 @@ class LlamaModel(nn.Module):
     """Decoder stack plus LM head. `forward` returns hidden states; `compute_logits` projects chosen rows."""
 
     def __init__(
-        self, config: ModelConfig, backend: AttentionBackend, freq_factors: torch.Tensor | None = None, ops=TorchOps
-    ):
+        self, config: ModelConfig, backend: AttentionBackend, freq_factors: torch.Tensor | None = None, ops=TorchOps,
+        quant: QuantSpec | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.config = config
         self.ops = ops
         self.rope = RotaryEmbedding(config, freq_factors)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend, ops) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, ops, quant) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # A tied head shares the (float) embedding; an untied one is a projection like the others.
+        head_quant = quant if quant is not None and quant.quantize_lm_head and not config.tie_word_embeddings else None
+        self.lm_head = make_linear(config.hidden_size, config.vocab_size, False, head_quant)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -188,8 +194,13 @@ class LlamaModel(nn.Module):
 
     @torch.no_grad()
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy weights named as in HF's Llama into this model, fusing q/k/v and gate/up."""
+        """Copy weights named as in HF's Llama into this model, fusing q/k/v and gate/up.
+
+        Projection weights may be float tensors or `PackedWeight`s (GGUF blocks kept packed); each
+        projection layer quantizes or keeps them as its `QuantSpec` says.
+        """
         cfg, taken = self.config, set()
+        device = self.embed_tokens.weight.device
 
         def take(name: str) -> torch.Tensor:
             if name not in state:
@@ -207,19 +218,19 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:  # re-tie: moving off the meta device unties shared parameters
             self.lm_head.weight = self.embed_tokens.weight
         else:
-            put(self.lm_head.weight, take("lm_head.weight"), "lm_head.weight")
+            load_linear(self.lm_head, take("lm_head.weight"), "lm_head.weight", device)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = p + "self_attn."
-            qkv = torch.cat([take(attn + f"{n}_proj.weight") for n in "qkv"])
-            put(layer.self_attn.qkv_proj.weight, qkv, attn + "qkv")
+            qkv = cat_weights([take(attn + f"{n}_proj.weight") for n in "qkv"])
+            load_linear(layer.self_attn.qkv_proj, qkv, attn + "qkv", device)
             if cfg.attention_bias:
                 bias = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"])
                 put(layer.self_attn.qkv_proj.bias, bias, attn + "qkv bias")
-            put(layer.self_attn.o_proj.weight, take(attn + "o_proj.weight"), attn + "o_proj")
-            gate_up = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-            put(layer.mlp.gate_up_proj.weight, gate_up, p + "mlp.gate_up")
-            put(layer.mlp.down_proj.weight, take(p + "mlp.down_proj.weight"), p + "mlp.down_proj")
+            load_linear(layer.self_attn.o_proj, take(attn + "o_proj.weight"), attn + "o_proj", device)
+            gate_up = cat_weights([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+            load_linear(layer.mlp.gate_up_proj, gate_up, p + "mlp.gate_up", device)
+            load_linear(layer.mlp.down_proj, take(p + "mlp.down_proj.weight"), p + "mlp.down_proj", device)
             put(layer.input_layernorm.weight, take(p + "input_layernorm.weight"), p + "input_layernorm")
             put(layer.post_attention_layernorm.weight, take(p + "post_attention_layernorm.weight"), p + "post_norm")
         ignorable = {"rope_freqs", "lm_head.weight"} if cfg.tie_word_embeddings else {"rope_freqs"}

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from stageserve.engine.attention import AttentionBackend, AttentionMetadata, TorchAttention
+from stageserve.engine.attention import FP8_KV_DTYPE, AttentionBackend, AttentionMetadata, TorchAttention
 from stageserve.engine.config import EngineConfig, ModelConfig
 from stageserve.engine.cuda_graphs import CudaGraphRunner
 from stageserve.engine.model import LlamaModel
 from stageserve.engine.ops import TorchOps, TritonOps
+from stageserve.engine.quant.linear import QuantSpec
 from stageserve.engine.scheduler import SchedulerOutput
 from stageserve.sample.sampler import SampledToken, Sampler, SamplingRow
 
@@ -46,17 +47,28 @@ class ModelRunner:
         eos_token_id: int | frozenset[int] | None = None,
         backend: AttentionBackend | None = None,
         max_model_len: int | None = None,
+        calibration_tokens: list[int] | None = None,
     ):
         self.model_config, self.config = model_config, engine_config
         self.device, self.dtype = device, dtype
+        fp8_kv = engine_config.kv_cache_dtype == "fp8_e4m3"
+        self.kv_dtype = FP8_KV_DTYPE if fp8_kv else dtype
         freq_factors = state_dict.get("rope_freqs")
+        if backend is None and fp8_kv:  # only the torch backend reads an fp8 cache so far
+            backend = TorchAttention()
         backend, ops = backend_and_ops(engine_config.attention_backend, device) if backend is None else (backend, TorchOps)
         self.backend_name = ops.name
+        quant = QuantSpec.from_engine_config(engine_config)
         with torch.device("meta"):  # skip random init: every weight is overwritten below
-            model = LlamaModel(model_config, backend, freq_factors=freq_factors, ops=ops)
+            model = LlamaModel(model_config, backend, freq_factors=freq_factors, ops=ops, quant=quant)
         model = model.to_empty(device=device).to(dtype)
         model.load_hf_state_dict(state_dict)
         model.rope.reset_tables()  # float32, whatever the weights' dtype
+        if quant.awq or fp8_kv:
+            from stageserve.engine.quant.calibrate import calibrate, calibration_token_ids
+
+            tokens = calibration_tokens or calibration_token_ids(None, model_config.vocab_size)
+            calibrate(model, tokens, kv_scales=fp8_kv)
         self.model = model.eval()
         # One allocation for every layer, so a KV transport can export (or read) the whole pool at once.
         self.kv_pool = self._allocate_kv_pool()  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
@@ -78,7 +90,7 @@ class ModelRunner:
     def _allocate_kv_pool(self) -> torch.Tensor:
         c, m = self.config, self.model_config
         shape = (m.num_layers, 2, c.num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
-        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+        return torch.zeros(shape, device=self.device, dtype=self.kv_dtype)
 
     def read_kv(self, layer: int, block_ids: list[int]) -> torch.Tensor:
         """A copy of one layer's pages: [2, len(block_ids), block_size, num_kv_heads, head_dim]."""
@@ -88,7 +100,7 @@ class ModelRunner:
     def write_kv(self, layer: int, block_ids: list[int], pages: torch.Tensor) -> None:
         """Overwrite one layer's pages; the caller has validated ids, dtype and shape."""
         index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        self.kv_caches[layer].index_copy_(1, index, pages.to(self.device, self.dtype))
+        self.kv_caches[layer].index_copy_(1, index, pages.to(self.device, self.kv_dtype))
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)

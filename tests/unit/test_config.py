@@ -17,6 +17,7 @@ from stageserve.common.config import (
 )
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.common.server import ServerConfig
+from stageserve.engine.config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -190,3 +191,9 @@ def test_parse_config_end_to_end(tmp_path):
     assert config.workers == 4
     with pytest.raises(InvalidArgumentError, match="server.port"):
         parse_config(ServiceConfig, ["--server-port", "70000"])
+
+
+@pytest.mark.parametrize("options, field", [({"quantization": "int8"}, "quantization"), ({"kv_cache_dtype": "fp8_e4m3"}, "kv_cache_dtype")])
+def test_tensor_parallelism_refuses_quantization_for_now(options, field):
+    with pytest.raises(InvalidArgumentError, match=f"{field}: is not supported with tensor_parallel_size > 1"):
+        EngineConfig(tensor_parallel_size=2, **options)

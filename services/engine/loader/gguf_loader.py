@@ -1,4 +1,5 @@
-"""Load a GGUF file: F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, dequantized at load.
+"""Load a GGUF file: F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors, dequantized at load, or with `keep_blocks`
+the projections' Q4_0/Q4_1/Q8_0 blocks repacked into `PackedWeight`s for the quantized kernels.
 
 llama.cpp's converter permutes the rows of q and k so that rotary pairs are interleaved (GPT-J
 style); our model, like HF's, rotates halves, so those rows are permuted back here. Only the
@@ -129,8 +130,17 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def load_gguf(path: Path, name: str | None = None, tp=None) -> LoadedModel:
-    """Dequantize tensor by tensor; with `tp` (a `TPRank`) keep only that rank's slice of each."""
+# Block types kept packed under keep_blocks (only projection weights: embeddings and norms are dequantized).
+_KEPT_TYPES = {
+    gguf.GGMLQuantizationType.Q4_0: "q4_0",
+    gguf.GGMLQuantizationType.Q4_1: "q4_1",
+    gguf.GGMLQuantizationType.Q8_0: "q8_0",
+}
+
+
+def load_gguf(path: Path, name: str | None = None, tp=None, keep_blocks: bool = False) -> LoadedModel:
+    """Dequantize tensor by tensor; with `tp` (a `TPRank`) keep only that rank's slice of each; with
+    `keep_blocks`, projection weights stay in their Q4_0/Q4_1/Q8_0 blocks (EngineConfig forbids both)."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     reader = read_gguf(path)
@@ -147,6 +157,9 @@ def load_gguf(path: Path, name: str | None = None, tp=None) -> LoadedModel:
                 continue
             if tensor.tensor_type not in SUPPORTED_TYPES:
                 raise ModelLoadError(f"{tensor.name}: GGUF type {tensor.tensor_type.name} is not supported")
+            if keep_blocks and tensor.tensor_type in _KEPT_TYPES and target.endswith(("_proj.weight", "lm_head.weight")):
+                state[target] = _packed(path, tensor, config)
+                continue
             try:
                 array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
             except Exception as exc:  # truncated or mis-sized data
@@ -162,3 +175,19 @@ def load_gguf(path: Path, name: str | None = None, tp=None) -> LoadedModel:
     if "model.embed_tokens.weight" not in state:
         raise ModelLoadError(f"{path}: no token_embd.weight tensor")
     return LoadedModel(config=config, state_dict=state, tokenizer_source=path, source=str(path), shard=shard)
+
+
+def _packed(path: Path, tensor: gguf.ReaderTensor, config: ModelConfig):
+    """A projection's blocks as a PackedWeight, q/k rows un-permuted like the dequantized path's."""
+    from stageserve.engine.quant.formats import repack_gguf
+
+    raw = np.asarray(tensor.data)  # [rows, row bytes]: GGUF blocks run along a row, so rows move whole
+    if config.architecture in ("llama", "mistral"):
+        if tensor.name.endswith("attn_q.weight"):
+            raw = unpermute_rows(raw, config.num_heads)
+        elif tensor.name.endswith("attn_k.weight"):
+            raw = unpermute_rows(raw, config.num_kv_heads)
+    try:
+        return repack_gguf(raw, _KEPT_TYPES[tensor.tensor_type], int(tensor.shape[0]))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: tensor {tensor.name} is corrupt ({exc})") from exc

@@ -47,24 +47,31 @@ def progress(total: int, desc: str) -> Iterator[tqdm]:
 
 
 def load_model(
-    name: str | None, *, device: torch.device | None = None, dtype: torch.dtype | None = None, tp: TPRank | None = None
+    name: str | None,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    tp: TPRank | None = None,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load `name`: None or "default" (the built-in SmolLM2), "dummy:<shape>", a .gguf file or an HF dir.
 
     `device` and `dtype` matter only for dummy weights, which are created in place; real weights are
     read on the CPU and moved by the model. With `tp`, only that rank's slices are materialized,
-    one tensor at a time.
+    one tensor at a time. With `quantization="gguf"` a GGUF file's Q4_0/Q4_1/Q8_0 projection weights
+    stay in their blocks (as `PackedWeight`s) instead of being dequantized.
     """
+    keep = quantization == "gguf"
     from stageserve.engine.loader import dummy, gguf_loader, hf_loader
     from stageserve.engine.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
 
     if name in (None, "", "default", DEFAULT_MODEL_NAME):
-        return gguf_loader.load_gguf(default_model_path(), name=DEFAULT_MODEL_NAME, tp=tp)
+        return gguf_loader.load_gguf(default_model_path(), name=DEFAULT_MODEL_NAME, tp=tp, keep_blocks=keep)
     if name.startswith("dummy:"):
         return dummy.load_dummy(name.removeprefix("dummy:"), device=device, dtype=dtype, tp=tp)
     path = Path(name)
     if path.is_file() and path.suffix == ".gguf":
-        return gguf_loader.load_gguf(path, tp=tp)
+        return gguf_loader.load_gguf(path, tp=tp, keep_blocks=keep)
     if path.is_dir():
         return hf_loader.load_hf_dir(path, tp=tp)
     known = ", ".join(["default", *(f"dummy:{s}" for s in dummy.DUMMY_SHAPES)])

@@ -1,0 +1,295 @@
+"""Issue 9 benchmark: quantized weights on one GPU, every format against bf16 in the same run.
+
+    python benchmarks/quant.py --out $OUT            # one H200, under 4 minutes
+    python benchmarks/quant.py --smoke --out /tmp/q  # CPU, tiny shapes, Triton interpreter (seconds)
+
+Phases (rows print as they go; everything lands in OUT/quant.json):
+  ceilings  device-to-device copy bandwidth (read + write bytes / time), the roofline's denominator
+  parity    every kernel (gemv, fused mm, dequantize + GEMM, fp8 _scaled_mm) against dequantize-then-matmul
+            in float32, at the Llama-3-8B projection shapes, batch 1..256; fails the run past tolerance
+  kernels   per shape and batch: bf16 F.linear vs each kernel variant and the variant the layer dispatches to
+  decode    dummy:llama-3-8b per format: one decode step (CUDA graph, Triton attention, 128-token contexts)
+            at batch 1/16/64/256: tok/s, batch-1 % of the weight-byte roofline, weight and KV memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:  # must precede the kernels' import: TRITON_INTERPRET is read when they are decorated
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from stageserve.engine.attention import AttentionMetadata  # noqa: E402
+from stageserve.engine.config import EngineConfig  # noqa: E402
+from stageserve.engine.loader.weights import load_model  # noqa: E402
+from stageserve.engine.quant.formats import quantize_fp8  # noqa: E402
+from stageserve.engine.quant.linear import Fp8Linear, PackedLinear, QuantSpec, linear_weight_bytes  # noqa: E402
+from stageserve.engine.runner import ModelRunner  # noqa: E402
+from stageserve.kernels import quant_matmul as qm  # noqa: E402
+
+RESULTS: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+ON_GPU = DEVICE.type == "cuda"
+
+# name -> EngineConfig overrides of the decode phase
+FORMATS = {
+    "bf16": {},
+    "int8": {"quantization": "int8"},
+    "int4": {"quantization": "int4", "quant_group_size": 128},
+    "gguf-q4_1": {"quantization": "gguf", "gguf_quant_type": "q4_1"},
+    "gguf-q8_0": {"quantization": "gguf", "gguf_quant_type": "q8_0"},
+    "fp8": {"quantization": "fp8", "fp8_scaling": "channel"},
+}
+# weight formats of the kernel phases (plus fp8, which runs through _scaled_mm)
+KERNEL_FORMATS = ("int8", "int4", "q4_0", "q4_1", "q8_0")
+
+
+def log(section: str, **values) -> None:
+    RESULTS.setdefault(section, []).append(values)
+    print(f"[{section}] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()), flush=True)
+
+
+def timed(fn, iters: int) -> float:
+    """Median seconds of fn(): CUDA events on the GPU (gpu_engine's timer), the wall clock on the CPU."""
+    if ON_GPU:
+        from gpu_engine import cuda_time  # benchmarks/ is on sys.path when this script runs
+
+        return cuda_time(fn, iters)
+    fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ceilings() -> float:
+    n = (1 << 30) if ON_GPU else (1 << 20)
+    a = torch.randn(n, dtype=torch.bfloat16, device=DEVICE)
+    b = torch.empty_like(a)
+    copy_bw = 2 * a.numel() * a.element_size() / timed(lambda: b.copy_(a), 20 if ON_GPU else 3)
+    log("ceilings", copy_GBps=copy_bw / 1e9, device=torch.cuda.get_device_name() if ON_GPU else "cpu")
+    return copy_bw
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def variants(p, batch: int) -> dict:
+    """The kernels that can run this packed weight at this batch."""
+    out = {}
+    if batch <= qm.GEMV_MAX_M:
+        out["gemv"] = lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits)
+    out["mm"] = lambda x: qm.quant_mm(x, p.qweight, p.scales, p.offsets, p.bits)
+    out["dq+gemm"] = lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t()
+    return out
+
+
+def layer_for(fmt: str, w: torch.Tensor):
+    """The engine's own layer for this format, to time what the model dispatches to."""
+    method = fmt if fmt in ("int8", "int4", "fp8") else "gguf"
+    spec = QuantSpec(method=method, gguf_type=fmt if method == "gguf" else "q4_1")
+    layer = (Fp8Linear if fmt == "fp8" else PackedLinear)(w.shape[1], w.shape[0], False, spec)
+    layer.load(w, DEVICE)
+    return layer
+
+
+def kernel_phases(shapes, batches, iters: int, tol: float) -> bool:
+    ok = True
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    for name, (n, k) in shapes.items():
+        w = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.02).to(DTYPE)
+        for fmt in [*KERNEL_FORMATS, "fp8"]:
+            try:
+                ok &= kernel_rows(name, fmt, w, batches, iters, tol, gen)
+            except Exception as exc:  # logged as a failure; the other formats still run
+                log("kernels" if iters else "parity", shape=name, fmt=fmt, error=f"{type(exc).__name__}: {exc}"[:300])
+                ok = False
+    return ok
+
+
+def kernel_rows(name, fmt, w, batches, iters, tol, gen) -> bool:
+    ok, k = True, w.shape[1]
+    layer = layer_for(fmt, w)
+    deq = layer.dequantized_weight()  # float32 [N, K]
+    for m in batches:
+        x = torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE)
+        if fmt == "fp8":
+            xq, xs = quantize_fp8(x, True)
+            ref = (xq.float() * xs) @ deq.t()
+            runs = {"scaled_mm" if ON_GPU else "reference": layer}
+        else:
+            ref = x.float() @ deq.t()
+            runs = variants(layer.packed, m)
+        errors = {v: rel_error(fn(x), ref) for v, fn in runs.items()}
+        bad = {v: e for v, e in errors.items() if e > tol}
+        ok &= not bad
+        row = {"shape": name, "fmt": fmt, "batch": m, **{f"err_{v}": e for v, e in errors.items()}}
+        if iters:
+            bf16_s = timed(lambda: F.linear(x, w), iters)
+            times = {v: timed(lambda fn=fn: fn(x), iters) for v, fn in runs.items()}
+            chosen = timed(lambda: layer(x), iters)
+            row |= {"bf16_us": bf16_s * 1e6, **{f"{v}_us": t * 1e6 for v, t in times.items()},
+                    "dispatch_us": chosen * 1e6, "dispatch_vs_bf16": bf16_s / chosen}  # fmt: skip
+        log("kernels" if iters else "parity", **row, **({"FAIL": sorted(bad)} if bad else {}))
+    return ok
+
+
+def decode_meta(batch: int, ctx: int, block_size: int) -> AttentionMetadata:
+    """Batch sequences of ctx cached tokens each, one new token each, in disjoint blocks."""
+    per_seq = ctx // block_size + 1
+    table = torch.arange(batch * per_seq, device=DEVICE).view(batch, per_seq)
+    return AttentionMetadata(
+        slot_mapping=table[:, -1] * block_size + ctx % block_size,
+        block_tables=table,
+        seq_lens=torch.full((batch,), ctx + 1, device=DEVICE),
+        query_start_loc=list(range(batch + 1)),
+        seq_lens_host=[ctx + 1] * batch,
+        max_seq_len=ctx + 1,
+    )
+
+
+def decode_phase(model_name: str, batches: list[int], ctx: int, iters: int, copy_bw: float) -> dict:
+    block_size = 16
+    loaded = load_model(model_name, device=DEVICE, dtype=DTYPE)
+    num_blocks = max(batches) * (ctx // block_size + 1) + 1
+    base_tps = {}
+    for fmt, overrides in FORMATS.items():
+        if fmt == "fp8" and ON_GPU and torch.cuda.get_device_capability() < (8, 9):
+            continue
+        try:
+            decode_format(loaded, fmt, overrides, batches, ctx, iters, copy_bw, base_tps, num_blocks, block_size)
+        except Exception as exc:  # one broken format must not cost the others' numbers
+            log("decode", fmt=fmt, error=f"{type(exc).__name__}: {exc}"[:300])
+        if ON_GPU:
+            torch.cuda.empty_cache()
+    return base_tps
+
+
+def decode_format(loaded, fmt, overrides, batches, ctx, iters, copy_bw, base_tps, num_blocks, block_size) -> None:
+    t0 = time.monotonic()
+    config = EngineConfig(device=DEVICE.type, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max(batches),
+                          cuda_graphs=False, **overrides)  # fmt: skip
+    before = torch.cuda.memory_allocated() if ON_GPU else 0
+    runner = ModelRunner(loaded.config, config, loaded.state_dict, device=DEVICE, dtype=DTYPE)
+    model = runner.model
+    allocated = (torch.cuda.memory_allocated() - before) if ON_GPU else 0
+    weight_bytes = linear_weight_bytes(model)
+    other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "proj" not in n and "lm_head" not in n)
+    for batch in batches:
+        meta = decode_meta(batch, ctx, block_size)
+        ids = torch.randint(0, loaded.config.vocab_size, (batch,), device=DEVICE)
+        pos = torch.full((batch,), ctx, device=DEVICE)
+        step = lambda: model.compute_logits(model(ids, pos, runner.kv_caches, meta))  # noqa: E731
+        with torch.inference_mode():
+            if ON_GPU:
+                side = torch.cuda.Stream()  # warm up (compile, tune) off the capture's stream, as CudaGraphRunner does
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        step()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                step_s = timed(graph.replay, iters)
+                del graph
+            else:
+                step_s = timed(step, iters)
+        tps = batch / step_s
+        row = {"fmt": fmt, "batch": batch, "step_ms": step_s * 1e3, "tok_s": tps}
+        if fmt == "bf16":
+            base_tps[batch] = tps
+        elif batch in base_tps:
+            row["vs_bf16"] = tps / base_tps[batch]
+        if batch == 1:  # projection weights are what a batch-1 step must read (KV at 128 tokens: ~0.1%)
+            roofline = copy_bw / weight_bytes
+            row |= {"roofline_tok_s": roofline, "pct_roofline": 100 * tps / roofline}
+        log("decode", **row)
+    log("memory", fmt=fmt, projection_GiB=weight_bytes / 2**30, other_weights_GiB=other_bytes / 2**30,
+        allocated_GiB=allocated / 2**30, kv_GiB=runner.kv_cache_bytes() / 2**30, build_s=time.monotonic() - t0)  # fmt: skip
+    del runner, model
+
+
+def summary() -> None:
+    """The issue's targets, from this run's rows."""
+    rows = RESULTS.get("decode", [])
+    get = lambda fmt, b: next((r for r in rows if r["fmt"] == fmt and r.get("batch") == b), None)  # noqa: E731
+    checks = []
+    for fmt, batch, target in (("int4", 1, 2.5), ("int8", 1, 1.6), ("fp8", 256, 1.3)):
+        r = get(fmt, batch)
+        if r is not None and "vs_bf16" in r:
+            checks.append({"target": f"{fmt} batch {batch} >= {target}x bf16", "got": round(r["vs_bf16"], 3), "met": r["vs_bf16"] >= target})
+    slower = [f"{r['fmt']}@{r['batch']}: {r['vs_bf16']:.2f}x" for r in rows if r.get("vs_bf16", 1.0) < 1.0]
+    checks.append({"target": "no quantized path slower than bf16", "got": slower or "none slower", "met": not slower})
+    for c in checks:
+        log("targets", **c)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for quant.json")
+    parser.add_argument("--phases", default="ceilings,parity,kernels,decode")
+    parser.add_argument("--model", default=None, help="default: dummy:llama-3-8b (dummy:tiny with --smoke)")
+    parser.add_argument("--ctx", type=int, default=128, help="cached tokens per sequence in the decode phase")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="decode-phase formats (bf16 first: the baseline)")
+    args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    for name in [f for f in FORMATS if f not in args.formats.split(",")]:
+        del FORMATS[name]
+    if args.smoke:
+        shapes = {"tiny": (96, 256)}
+        parity_batches, kernel_batches, decode_batches, iters = [1, 3, 8, 33], [1, 8], [1, 4], 2
+        model, ctx = args.model or "dummy:tiny", min(args.ctx, 32)
+    else:
+        shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+        parity_batches, kernel_batches, decode_batches, iters = [1, 2, 4, 8, 16, 64, 256], [1, 4, 16, 64, 256], [1, 16, 64, 256], 20
+        model, ctx = args.model or "dummy:llama-3-8b", args.ctx
+    RESULTS.update({"smoke": args.smoke, "device": str(DEVICE), "dtype": str(DTYPE), "torch": torch.__version__, "ctx": ctx})
+    t0 = time.monotonic()
+
+    def save() -> None:  # after every phase, so a run cut short by its time limit still leaves its rows
+        RESULTS["wall_s"] = time.monotonic() - t0
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "quant.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+    ok = True
+    copy_bw = ceilings() if "ceilings" in phases else float("nan")
+    with torch.inference_mode():
+        if "parity" in phases:
+            ok &= kernel_phases(shapes, parity_batches, 0, 2e-2 if DTYPE == torch.bfloat16 else 1e-4)
+            RESULTS["parity_ok"] = ok
+            save()
+        if "kernels" in phases:
+            kernel_phases({k: v for k, v in shapes.items() if k in ("tiny", "qkv", "down")}, kernel_batches, iters, float("inf"))
+            save()
+    if "decode" in phases:
+        decode_phase(model, decode_batches, ctx, iters, copy_bw)
+        summary()
+    RESULTS["parity_ok"] = ok
+    save()
+    print(f"parity {'OK' if ok else 'FAILED'}; {RESULTS['wall_s']:.1f} s", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

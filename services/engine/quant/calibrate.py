@@ -1,0 +1,120 @@
+"""Calibration at load: one forward pass of a small fixed text through the float model, which gives
+
+  - AWQ-style INT4 scales: per input channel s = mean|x|^alpha, alpha searched on a grid per layer
+    to minimise the output error of (W s)_q (x / s) against W x on the calibration activations;
+  - FP8 KV-cache scales: per layer, the largest |k| and |v| seen, with 2x headroom, over 448.
+
+The pass runs before any weight is quantized (AWQ layers hold their float weight as `pending`
+until `finalize_awq`), on a throwaway KV cache.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import torch
+
+from stageserve.engine.attention import AttentionMetadata, TorchAttention
+from stageserve.engine.quant.formats import FP8_MAX, quantize_int4
+from stageserve.engine.quant.linear import PackedLinear, int4_group
+
+CALIBRATION_TOKENS = 512
+AWQ_GRID = 11  # alpha in 0, 0.1, ..., 1; alpha 0 is plain INT4, so the search never does worse on its data
+AWQ_SAMPLE_ROWS = 256
+KV_HEADROOM = 2.0
+
+
+def calibration_text() -> str:
+    return resources.files("stageserve.engine.quant").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+
+
+def calibration_token_ids(tokenizer, vocab_size: int, n: int = CALIBRATION_TOKENS) -> list[int]:
+    """The calibration text's tokens, or fixed-seed random ids for a model without a tokenizer (dummy)."""
+    if tokenizer is not None:
+        return tokenizer.encode(calibration_text())[:n]
+    return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@torch.inference_mode()
+def prefill_hidden(model, token_ids: list[int], *, block_size: int = 16, kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One causal pass of a single sequence over a fresh cache (of `kv_dtype`, default the model's): [len, hidden]."""
+    device, dtype = model.embed_tokens.weight.device, kv_dtype or model.embed_tokens.weight.dtype
+    cfg, n = model.config, len(token_ids)
+    num_blocks = -(-n // block_size)
+    caches = [
+        torch.zeros(2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+        for _ in range(cfg.num_layers)
+    ]
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n, device=device),
+        block_tables=torch.arange(num_blocks, device=device).unsqueeze(0),
+        seq_lens=torch.tensor([n], device=device),
+        query_start_loc=[0, n],
+        seq_lens_host=[n],
+        max_seq_len=n,
+    )
+    ids = torch.tensor(token_ids, device=device)
+    return model(ids, torch.arange(n, device=device), caches, meta)
+
+
+class _RecordingAttention(TorchAttention):
+    """Torch attention that notes each call's (max |k|, max |v|): one call per layer, in order."""
+
+    def __init__(self):
+        self.amax: list[tuple[float, float]] = []
+
+    def forward(self, q, k, v, kv_cache, meta, scale, kv_scale=None):
+        self.amax.append((k.abs().max().item(), v.abs().max().item()))
+        return super().forward(q, k, v, kv_cache, meta, scale)
+
+
+@torch.inference_mode()
+def calibrate(model, token_ids: list[int], *, kv_scales: bool) -> None:
+    """Run the calibration pass; quantize pending AWQ layers and/or set every layer's fp8 KV scales."""
+    pending = [m for m in model.modules() if isinstance(m, PackedLinear) and m.pending is not None]
+    samples: dict[PackedLinear, torch.Tensor] = {}
+
+    def grab(module, args):
+        x = args[0].reshape(-1, module.in_features).float()
+        step = max(1, x.shape[0] // AWQ_SAMPLE_ROWS)
+        samples[module] = x[::step][:AWQ_SAMPLE_ROWS]
+
+    hooks = [m.register_forward_pre_hook(grab) for m in pending]
+    recorder = _RecordingAttention()
+    attns = [layer.self_attn for layer in model.layers]
+    backends = [a.backend for a in attns]
+    for a in attns:
+        a.backend, a.kv_scale = recorder, None
+    try:
+        prefill_hidden(model, token_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        for a, b in zip(attns, backends):
+            a.backend = b
+    for module in pending:
+        group = int4_group(module.in_features, module.spec.group_size)
+        packed, input_scale = search_awq(module.pending, samples[module], group)
+        module.set_packed(packed, input_scale.to(model.embed_tokens.weight.dtype))
+    if kv_scales:
+        for a, (k_amax, v_amax) in zip(attns, recorder.amax):
+            a.kv_scale = (max(k_amax, 1e-6) * KV_HEADROOM / FP8_MAX, max(v_amax, 1e-6) * KV_HEADROOM / FP8_MAX)
+
+
+def search_awq(weight: torch.Tensor, x: torch.Tensor, group_size: int):
+    """Best per-input-channel scale s for INT4 of `weight` [N, K] given activations x [S, K].
+
+    Returns (PackedWeight of W * s, 1 / s [K]); the layer multiplies its input by 1 / s.
+    """
+    weight = weight.float()
+    ref = x @ weight.t()  # [S, N]
+    act = x.abs().mean(dim=0).clamp_min(1e-6)  # [K]
+    best = None
+    for i in range(AWQ_GRID):
+        s = act.pow(i / (AWQ_GRID - 1))
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
+        packed = quantize_int4(weight * s, group_size)
+        err = ((x / s) @ packed.dequantize().t() - ref).pow(2).mean().item()
+        if best is None or err < best[0]:
+            best = (err, packed, 1 / s)
+    return best[1], best[2]

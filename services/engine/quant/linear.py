@@ -1,0 +1,295 @@
+"""Quantized linear layers behind one interface, chosen at load: `make_linear(in, out, bias, spec)`.
+
+The model asks `make_linear` for every projection and hands each its weight through `load_linear`
+(a float tensor, or a `PackedWeight` when a GGUF file's blocks were kept). What the layer keeps and
+which kernel runs is decided by the `QuantSpec`:
+
+    none   nn.Linear, the model's dtype
+    int8   PackedLinear: per-channel INT8                     \
+    int4   PackedLinear: asymmetric INT4, group 64/128 (+AWQ)  } one layout, kernels in stageserve.kernels.quant_matmul
+    gguf   PackedLinear: Q4_0/Q4_1/Q8_0 blocks kept packed    /
+    fp8    Fp8Linear: e4m3 weights and activations, torch._scaled_mm on Hopper
+
+Per shape (batch rows M of the step), PackedLinear picks among the GEMV kernel (M <= 8: every weight
+byte read once), the tiled fused kernel, and dequantize + cuBLAS. With `quant_dispatch="tune"` (the
+default) each layer times the candidates the first time it sees a batch bucket (next power of two of M)
+and keeps the fastest; "fixed" uses the thresholds gemv_max_batch / fused_max_batch.
+On the CPU the execution path is the reference (dequantize, then matmul in float32); the dequantized
+float32 weight is made once and kept, since re-dequantizing every step costs ~10x the matmul there.
+
+For tensor parallelism, a layer's weight is a `PackedWeight` (or dense tensor) that shards by rows or
+group-aligned columns (`PackedWeight.narrow`), so a parallel linear can wrap `load_linear` with a shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from stageserve.common.errors import ModelLoadError
+from stageserve.engine.quant.formats import (
+    PackedWeight,
+    cat_rows,
+    quantize_fp8,
+    quantize_gguf,
+    quantize_int4,
+    quantize_int8,
+)
+
+METHODS = ("none", "int8", "int4", "fp8", "gguf")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What `make_linear` builds; derived from `EngineConfig` (see its fields for the meaning of each)."""
+
+    method: str = "none"
+    group_size: int = 128
+    awq: bool = False
+    fp8_scaling: str = "channel"  # "channel" (weights per row, activations per token) or "tensor"
+    gguf_type: str = "q4_1"  # for float weights under "gguf"
+    gemv_max_batch: int = 4
+    fused_max_batch: int = 64
+    dispatch: str = "tune"  # "tune" (time the candidates per batch bucket, once) or "fixed" (the thresholds)
+    # (out, in, bits, group, batch bucket) -> kernel name, shared by the layers of one model so each shape is
+    # timed once; not part of the spec's identity.
+    choices: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    quantize_lm_head: bool = True
+
+    @classmethod
+    def from_engine_config(cls, config) -> QuantSpec:
+        return cls(
+            method=config.quantization, group_size=config.quant_group_size, awq=config.quant_awq,
+            fp8_scaling=config.fp8_scaling, gguf_type=config.gguf_quant_type,
+            gemv_max_batch=config.quant_gemv_max_batch, fused_max_batch=config.quant_fused_max_batch,
+            dispatch=config.quant_dispatch,
+            quantize_lm_head=config.quantize_lm_head,
+        )  # fmt: skip
+
+
+def int4_group(in_features: int, group_size: int) -> int:
+    """The configured group, or the largest power-of-two fraction of it (>= 32) that divides in_features
+    (SmolLM2's 576 takes group 64 under the default 128)."""
+    group = group_size
+    while in_features % group and group > 32:
+        group //= 2
+    if in_features % group:
+        raise ModelLoadError(f"in_features {in_features} is not a multiple of 32, so no INT4 group fits")
+    return group
+
+
+class QuantizedLinear(nn.Module):
+    """Base of the quantized layers: y = x W^T + b with W held in some compact form."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def load(self, weight: torch.Tensor | PackedWeight, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [out, in]: what the layer computes with (tests, AWQ search, eval)."""
+        raise NotImplementedError
+
+    def _finish(self, out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+class PackedLinear(QuantizedLinear):
+    """INT8, INT4 and GGUF: integer codes with group scales/offsets, run by the dequantize-fused kernels."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec):
+        super().__init__(in_features, out_features, bias, spec)
+        self.packed: PackedWeight | None = None
+        # AWQ: W was stored as W * s per input channel, so inputs are divided by s ([in] or None).
+        self.input_scale: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None  # float weight kept until calibration (AWQ) quantizes it
+        self._cpu_weight: torch.Tensor | None = None  # off CUDA: the reference's dequantized weight, made once
+
+    def quantize(self, weight: torch.Tensor) -> PackedWeight:
+        method = self.spec.method
+        if method == "int8":
+            return quantize_int8(weight)
+        if method == "int4":
+            return quantize_int4(weight, int4_group(self.in_features, self.spec.group_size))
+        return quantize_gguf(weight, self.spec.gguf_type)
+
+    def load(self, weight, device):
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ModelLoadError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
+        if isinstance(weight, PackedWeight):
+            self.packed = weight.to(device)
+        elif self.spec.awq:
+            self.pending = weight.to(device, torch.float32)
+        else:
+            self.packed = self.quantize(weight.to(device)).to(device)
+
+    def set_packed(self, packed: PackedWeight, input_scale: torch.Tensor | None) -> None:
+        self.packed, self.input_scale, self.pending, self._cpu_weight = packed, input_scale, None, None
+
+    def weight_bytes(self) -> int:
+        extra = 0 if self.input_scale is None else self.input_scale.numel() * self.input_scale.element_size()
+        return self.packed.nbytes + extra
+
+    def dequantized_weight(self) -> torch.Tensor:
+        w = self.packed.dequantize()
+        return w if self.input_scale is None else w * self.input_scale.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if self.pending is not None:  # calibration pass before quantization
+            return self._finish((x2.float() @ self.pending.t()).to(x.dtype), shape)
+        if self.input_scale is not None:
+            x2 = x2 * self.input_scale
+        p, m = self.packed, x2.shape[0]
+        if x.device.type != "cuda":  # the reference: x @ dequantize(W)^T in float32
+            if self._cpu_weight is None:
+                self._cpu_weight = p.dequantize()
+            return self._finish((x2.float() @ self._cpu_weight.t()).to(x.dtype), shape)
+        x2 = x2.contiguous()
+        return self._finish(self._kernels()[self._pick(x2)](x2), shape)
+
+    def _kernels(self) -> dict:
+        from stageserve.kernels import quant_matmul as qm
+
+        p = self.packed
+        return {
+            "gemv": lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits),
+            "mm": lambda x: qm.quant_mm(x, p.qweight, p.scales, p.offsets, p.bits),
+            # compute-bound: one dequantize pass, then the tensor-core GEMM
+            "dequant": lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t(),
+        }
+
+    def _pick(self, x: torch.Tensor) -> str:
+        from stageserve.kernels.quant_matmul import GEMV_MAX_M
+
+        m, spec, p = x.shape[0], self.spec, self.packed
+        fixed = "gemv" if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else ("mm" if m <= spec.fused_max_batch else "dequant")
+        key = (*p.shape, p.bits, p.group_size, 1 << max(0, m - 1).bit_length())
+        if spec.dispatch != "tune" or torch.cuda.is_current_stream_capturing():  # never sync inside a capture
+            return spec.choices.get(key, fixed)
+        if key not in spec.choices:
+            kernels = self._kernels()
+            candidates = [k for k in kernels if k != "gemv" or m <= GEMV_MAX_M]
+            spec.choices[key] = min(candidates, key=lambda k: _time_cuda(kernels[k], x))
+        return spec.choices[key]
+
+
+class Fp8Linear(QuantizedLinear):
+    """FP8 e4m3 weights and dynamically quantized activations.
+
+    "channel": weight scales per output row and activation scales per token (rowwise _scaled_mm);
+    "tensor": one scale each. On a GPU with FP8 tensor cores (sm_89+) the product runs in
+    `torch._scaled_mm`; elsewhere the reference quantizes the same way and multiplies in float32.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec):
+        super().__init__(in_features, out_features, bias, spec)
+        self.weight_fp8: torch.Tensor | None = None  # [out, in] float8_e4m3fn
+        self.weight_scale: torch.Tensor | None = None  # [out, 1] or [1, 1] float32
+        self._scale_b: torch.Tensor | None = None  # the same as _scaled_mm takes it: [1, out] contiguous, or 0-dim
+        self.per_row = spec.fp8_scaling == "channel"
+        self._cpu_weight: torch.Tensor | None = None  # off the FP8 path: the dequantized weight, made once
+
+    def load(self, weight, device):
+        if isinstance(weight, PackedWeight):
+            weight = weight.dequantize()
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ModelLoadError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
+        q, scale = quantize_fp8(weight.to(device), self.per_row)
+        self.weight_fp8, self.weight_scale = q.contiguous(), scale
+        self._scale_b = scale.t().contiguous() if self.per_row else scale.reshape(())
+
+    def weight_bytes(self) -> int:
+        return self.weight_fp8.numel() + self.weight_scale.numel() * 4
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_fp8.float() * self.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        xq, x_scale = quantize_fp8(x2, self.per_row)  # [M, K] e4m3, [M, 1] or [1, 1]
+        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 9):
+            out = torch._scaled_mm(
+                xq, self.weight_fp8.t(), scale_a=x_scale if self.per_row else x_scale.reshape(()),
+                scale_b=self._scale_b, out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
+            ).to(x.dtype)  # fmt: skip
+        else:
+            if self._cpu_weight is None:
+                self._cpu_weight = self.dequantized_weight()
+            out = ((xq.float() * x_scale) @ self._cpu_weight.t()).to(x.dtype)
+        return self._finish(out, shape)
+
+
+def _time_cuda(fn, x: torch.Tensor, iters: int = 5) -> float:
+    """Seconds of fn(x) on the current stream (the first call also compiles, so it is not timed)."""
+    fn(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def make_linear(in_features: int, out_features: int, bias: bool, spec: QuantSpec | None) -> nn.Module:
+    """The projection layer for `spec`: nn.Linear when unquantized, else a QuantizedLinear."""
+    method = "none" if spec is None else spec.method
+    if method == "none":
+        return nn.Linear(in_features, out_features, bias=bias)
+    if method == "fp8":
+        return Fp8Linear(in_features, out_features, bias, spec)
+    if method in ("int8", "int4", "gguf"):
+        return PackedLinear(in_features, out_features, bias, spec)
+    raise ValueError(f"unknown quantization {method!r} (known: {', '.join(METHODS)})")
+
+
+@torch.no_grad()
+def load_linear(module: nn.Module, weight: torch.Tensor | PackedWeight, name: str, device: torch.device) -> None:
+    """Give a projection its [out, in] weight on `device`; kept GGUF blocks are dequantized for a dense layer."""
+    if isinstance(module, QuantizedLinear):
+        try:
+            module.load(weight, device)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{name}: {exc}") from exc
+        return
+    if isinstance(weight, PackedWeight):
+        weight = weight.dequantize()
+    if module.weight.shape != weight.shape:
+        raise ModelLoadError(f"{name}: shape {tuple(weight.shape)} != expected {tuple(module.weight.shape)}")
+    module.weight.copy_(weight)
+
+
+def cat_weights(parts: list[torch.Tensor | PackedWeight]) -> torch.Tensor | PackedWeight:
+    """Fuse projections along their output rows; packed parts stay packed when their layouts match."""
+    if not any(isinstance(p, PackedWeight) for p in parts):
+        return torch.cat(parts)
+    if all(isinstance(p, PackedWeight) for p in parts):
+        fused = cat_rows(parts)
+        if fused is not None:
+            return fused
+    return torch.cat([p.dequantize() if isinstance(p, PackedWeight) else p.float() for p in parts])
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by every projection's weight (and scales), quantized or not; tied weights counted once."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.weight_bytes()
+        elif isinstance(module, nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += module.weight.numel() * module.weight.element_size()
+    return total

@@ -1,0 +1,107 @@
+"""Dequantize-fused matmuls against dequantize-then-matmul, for every weight format, batch 1..a few.
+
+Weights are random integers with random scales/offsets in the formats' own layouts: INT8 per channel,
+Q8_0 (int8, group 32), INT4 asymmetric (group 64/128) and Q4_0/Q4_1 (4-bit, group 32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stageserve.kernels.quant_matmul import (
+    dequantize,
+    dequantize_ref,
+    pack_int4,
+    quant_gemv,
+    quant_matmul_ref,
+    quant_mm,
+    unpack_int4,
+)
+from stageserve.kernels.testing import TOLERANCE, rel_error
+
+# name: (bits, group or None for per-channel, has offsets, scale dtype)
+FORMATS = {
+    "int8": (8, None, False, torch.float32),
+    "q8_0": (8, 32, False, torch.float16),
+    "int4_g128": (4, 128, True, torch.float16),
+    "int4_g64": (4, 64, True, torch.float16),
+    "q4_1": (4, 32, True, torch.float16),
+}
+
+
+def make_weight(fmt: str, n: int, k: int, gen: torch.Generator, device):
+    bits, group, has_offset, sdtype = FORMATS[fmt]
+    groups = 1 if group is None else k // group
+    if bits == 4:
+        q = torch.randint(0, 16, (n, k), generator=gen, device=device, dtype=torch.int32).to(torch.uint8)
+        qweight = pack_int4(q)
+    else:
+        qweight = torch.randint(-128, 128, (n, k), generator=gen, device=device, dtype=torch.int32).to(torch.int8)
+    scales = (torch.rand(n, groups, generator=gen, device=device) * 0.02 + 0.001).to(sdtype)
+    offsets = (torch.randn(n, groups, generator=gen, device=device) * 0.05).to(sdtype) if has_offset else None
+    return qweight, scales, offsets, bits
+
+
+def test_pack_roundtrip(device, gen):
+    q = torch.randint(0, 16, (5, 64), generator=gen, device=device, dtype=torch.int32).to(torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    assert pack_int4(q).shape == (5, 32)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_kernel(device, gen, fmt):
+    qweight, scales, offsets, bits = make_weight(fmt, 40, 256, gen, device)
+    out = dequantize(qweight, scales, offsets, bits, torch.float32)
+    assert torch.allclose(out, dequantize_ref(qweight, scales, offsets, bits), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_gemv(device, gen, fmt, m, dtype):
+    n, k = 72, 256  # N not a multiple of the block: masked rows
+    qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    quant_gemv(x, qweight, scales, offsets, bits, out=out)
+    assert rel_error(out, quant_matmul_ref(x, qweight, scales, offsets, bits)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_mm(device, gen, fmt, m, dtype):
+    n, k = 40, 256
+    qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    quant_mm(x, qweight, scales, offsets, bits, out=out)
+    assert rel_error(out, quant_matmul_ref(x, qweight, scales, offsets, bits)) < TOLERANCE[dtype]
+
+
+def test_wrapper_rejects_bad_layouts(device, gen):
+    qweight, scales, offsets, bits = make_weight("int4_g128", 16, 256, gen, device)
+    x = torch.randn(1, 256, generator=gen, device=device)
+    with pytest.raises(AssertionError, match="qweight"):
+        quant_gemv(x, qweight.view(torch.int8), scales, offsets, bits)
+    with pytest.raises(AssertionError, match="offsets"):
+        quant_gemv(x, qweight, scales, None, bits)
+    with pytest.raises(AssertionError, match="x"):
+        quant_mm(x[:, :128], qweight, scales, offsets, bits)
+    with pytest.raises(AssertionError, match="rows"):
+        quant_gemv(torch.randn(9, 256, device=device), qweight, scales, offsets, bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 64, 256])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("nk", [(6144, 4096), (4096, 14336)])
+def test_quant_kernels_full(device, gen, fmt, m, nk):
+    n, k = nk
+    qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
+    x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
+    ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
+    if m <= 8:
+        assert rel_error(quant_gemv(x, qweight, scales, offsets, bits), ref) < TOLERANCE[torch.bfloat16]
+    assert rel_error(quant_mm(x, qweight, scales, offsets, bits), ref) < TOLERANCE[torch.bfloat16]

@@ -1,0 +1,227 @@
+"""Quantized weights on the CPU: format round trips, GGUF blocks repacked bit-exactly and kept packed by the
+loader, sharding, AWQ, FP8, and the quantized layers inside the engine (reference path)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from stageserve.common.errors import InvalidArgumentError
+from stageserve.engine.attention import FP8_KV_DTYPE, dequant_kv, write_kv
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.engine import LLMEngine
+from stageserve.engine.loader.weights import load_model
+from stageserve.engine.quant.calibrate import search_awq
+from stageserve.engine.quant.formats import (
+    PackedWeight,
+    cat_rows,
+    quantize_fp8,
+    quantize_gguf,
+    quantize_int4,
+    quantize_int8,
+    repack_gguf,
+)
+from stageserve.engine.quant.linear import Fp8Linear, PackedLinear, QuantSpec, cat_weights, make_linear
+from stageserve.sample.params import SamplingParams
+
+Q = gguf.GGMLQuantizationType
+GGUF_FORMATS = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def weight(n: int = 48, k: int = 256, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("fmt", GGUF_FORMATS)
+def test_repacked_gguf_blocks_dequantize_bit_exactly(fmt):
+    w = weight().numpy()
+    raw = gguf.quants.quantize(w, GGUF_FORMATS[fmt])  # [N, bytes]
+    packed = repack_gguf(raw, fmt, w.shape[1])
+    assert packed.fmt == fmt and packed.shape == w.shape and packed.group_size == 32
+    expected = gguf.quants.dequantize(raw, GGUF_FORMATS[fmt]).reshape(w.shape)
+    np.testing.assert_array_equal(packed.dequantize().numpy(), expected)
+
+
+@pytest.mark.parametrize("fmt", GGUF_FORMATS)
+def test_our_gguf_quantizer_matches_ggml(fmt):
+    w = weight()
+    ours = quantize_gguf(w, fmt).dequantize().numpy()
+    raw = gguf.quants.quantize(w.numpy(), GGUF_FORMATS[fmt])
+    theirs = gguf.quants.dequantize(raw, GGUF_FORMATS[fmt]).reshape(w.shape)
+    # Same rounding rules; the only differences are float32 vs numpy rounding of 1/d at ties.
+    assert np.mean(ours == theirs) > 0.995
+    assert np.abs(ours - theirs).max() <= 0.05 * np.abs(w.numpy()).max() / 7
+
+
+def test_int8_round_trip_is_within_half_a_step():
+    w = weight()
+    p = quantize_int8(w)
+    assert p.qweight.dtype == torch.int8 and p.scales.shape == (48, 1) and p.offsets is None
+    err = (p.dequantize() - w).abs()
+    assert (err <= p.scales / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_int4_round_trip_is_within_half_a_step(group):
+    w = weight() + 0.02  # off-centre: the zero point must do work
+    p = quantize_int4(w, group)
+    assert p.qweight.shape == (48, 128) and p.scales.shape == (48, 256 // group) and p.group_size == group
+    step = p.scales.float().repeat_interleave(group, dim=1)
+    err = (p.dequantize() - w).abs()
+    assert (err <= step / 2 + 2e-3 * step + 1e-6).all()  # + fp16 rounding of the offset
+    assert p.nbytes == 48 * 128 + 2 * 2 * 48 * (256 // group)
+
+
+def test_int4_rejects_a_group_that_does_not_divide():
+    with pytest.raises(ValueError, match="group size"):
+        quantize_int4(weight(k=96), 64)
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_fp8_round_trip_keeps_three_mantissa_bits(per_row):
+    x = weight()
+    q, scale = quantize_fp8(x, per_row)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == ((48, 1) if per_row else (1, 1))
+    back = q.float() * scale
+    normal = x.abs() > scale * 2**-6 * 4  # away from the subnormal range
+    assert ((back - x).abs()[normal] <= x.abs()[normal] / 16 + 1e-9).all()
+    assert (back.abs().amax(dim=1 if per_row else None) <= x.abs().amax(dim=1 if per_row else None) * 1.0001).all()
+
+
+def test_shards_by_rows_and_group_aligned_columns():
+    p = quantize_int4(weight(k=256), 64)
+    full = p.dequantize()
+    assert torch.equal(p.narrow(0, 8, 16).dequantize(), full[8:24])
+    assert torch.equal(p.narrow(1, 128, 128).dequantize(), full[:, 128:])
+    with pytest.raises(ValueError, match="group boundaries"):
+        p.narrow(1, 32, 64)
+    with pytest.raises(ValueError, match="per-channel"):
+        quantize_int8(weight()).narrow(1, 0, 128)
+
+
+def test_fused_projections_stay_packed_when_layouts_match():
+    a, b = quantize_gguf(weight(seed=1), "q4_1"), quantize_gguf(weight(seed=2), "q4_0")
+    fused = cat_rows([a, b])
+    assert fused is not None and fused.fmt == "mixed"
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    mixed = cat_weights([a, quantize_gguf(weight(seed=3), "q8_0")])  # 4-bit + 8-bit: falls back to float
+    assert isinstance(mixed, torch.Tensor) and mixed.shape == (96, 256)
+
+
+def test_awq_is_never_worse_than_plain_int4_on_its_calibration_data():
+    gen = torch.Generator().manual_seed(0)
+    w = weight()
+    loud = torch.ones(256)
+    loud[::32] = 20.0  # a few outlier input channels, as LLM activations have
+    x = torch.randn(64, 256, generator=gen) * loud
+    packed, inv_scale = search_awq(w, x, 64)
+    ref = x @ w.t()
+    awq_err = ((x * inv_scale) @ packed.dequantize().t() - ref).pow(2).mean()
+    plain_err = (x @ quantize_int4(w, 64).dequantize().t() - ref).pow(2).mean()
+    assert awq_err <= plain_err
+    assert awq_err < 0.9 * plain_err  # with skewed activations the search finds a real gain
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "gguf", "fp8"])
+def test_quantized_layers_compute_with_their_dequantized_weight(method):
+    spec = QuantSpec(method=method, group_size=64)
+    layer = make_linear(256, 48, True, spec)
+    assert isinstance(layer, Fp8Linear if method == "fp8" else PackedLinear)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(48))
+    layer.load(weight(), torch.device("cpu"))
+    x = torch.randn(2, 3, 256)
+    out = layer(x)
+    assert out.shape == (2, 3, 48)
+    if method == "fp8":
+        xq, xs = quantize_fp8(x.reshape(6, 256), True)
+        expected = (xq.float() * xs) @ layer.dequantized_weight().t() + layer.bias
+    else:
+        expected = x.reshape(6, 256) @ layer.dequantized_weight().t() + layer.bias
+    torch.testing.assert_close(out.reshape(6, 48), expected, rtol=1e-5, atol=1e-5)
+    bound = {"int8": 1 / 200, "int4": 1 / 14, "gguf": 1 / 14, "fp8": 1 / 16}[method]  # of the largest |w|
+    assert (layer.dequantized_weight() - weight()).abs().max() < bound * weight().abs().max()
+
+
+def test_fp8_kv_cache_stores_scaled_bytes_and_reads_them_back():
+    cache = torch.zeros(2, 4, 4, 2, 8, dtype=FP8_KV_DTYPE)
+    k, v = torch.randn(3, 2, 8) * 5, torch.randn(3, 2, 8)
+    write_kv(k, v, cache, torch.tensor([0, 5, 9]), kv_scale=(0.05, 0.01))
+    flat = dequant_kv(cache.view(2, 16, 2, 8), (0.05, 0.01), torch.float32)
+    torch.testing.assert_close(flat[0, [0, 5, 9]], k, rtol=1 / 16, atol=1e-3)
+    torch.testing.assert_close(flat[1, [0, 5, 9]], v, rtol=1 / 16, atol=1e-3)
+
+
+def test_config_rejects_bad_quantization_settings():
+    with pytest.raises(InvalidArgumentError, match="quantization"):
+        EngineConfig(quantization="int3")
+    with pytest.raises(InvalidArgumentError, match="quant_awq"):
+        EngineConfig(quantization="int8", quant_awq=True)
+    with pytest.raises(InvalidArgumentError, match="quant_group_size"):
+        EngineConfig(quant_group_size=100)
+
+
+# -- the loader and the engine ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from test_loaders import random_hf_state, write_gguf  # tests/unit is on sys.path under pytest
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny-q4_1.gguf"
+    return write_gguf(path, random_hf_state(tied=False), Q.Q4_1)
+
+
+def test_loader_keeps_gguf_blocks_packed_under_gguf(tiny_gguf):
+    dense = load_model(str(tiny_gguf))
+    packed = load_model(str(tiny_gguf), quantization="gguf")
+    projections = [n for n in dense.state_dict if n.endswith("_proj.weight") or n == "lm_head.weight"]
+    assert projections
+    for name in projections:
+        value = packed.state_dict[name]
+        assert isinstance(value, PackedWeight) and value.fmt == "q4_1", name
+        # The same weights, rows un-permuted in block form exactly as the dequantizing path does.
+        assert torch.equal(value.dequantize(), dense.state_dict[name]), name
+    assert not isinstance(packed.state_dict["model.embed_tokens.weight"], PackedWeight)
+
+
+def greedy(loaded, **config) -> list[int]:
+    engine = LLMEngine(loaded, EngineConfig(num_blocks=32, dtype="float32", device="cpu", **config))
+    (request,) = engine.generate([[3, 17, 42, 9, 100, 7]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    return request.output_token_ids
+
+
+def test_engine_on_kept_gguf_blocks_generates_like_the_dequantized_model(tiny_gguf):
+    dense = load_model(str(tiny_gguf))
+    packed = load_model(str(tiny_gguf), quantization="gguf")
+    engine = LLMEngine(packed, EngineConfig(num_blocks=32, dtype="float32", quantization="gguf"))
+    layer = engine.runner.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, PackedLinear) and layer.self_attn.qkv_proj.packed.fmt == "q4_1"
+    assert isinstance(engine.runner.model.lm_head, PackedLinear)  # untied head: quantized too
+    assert greedy(packed, quantization="gguf") == greedy(dense)
+
+
+def test_cli_takes_quantization_flags_from_engine_config():
+    from stageserve.cli import build_parser, engine_config_from_args
+
+    args = build_parser().parse_args(
+        ["generate", "hi", "--local", "--quantization", "int4", "--quant-group-size", "64", "--quant-awq",
+         "--kv-cache-dtype", "fp8_e4m3", "--quant-dispatch", "fixed"]
+    )  # fmt: skip
+    config = engine_config_from_args(args)
+    assert (config.quantization, config.quant_group_size, config.quant_awq) == ("int4", 64, True)
+    assert (config.kv_cache_dtype, config.quant_dispatch) == ("fp8_e4m3", "fixed")
+    ev = build_parser().parse_args(["eval-quality", "--quantization", "int8", "fp8", "--max-tokens", "4"])
+    assert ev.quantization == ["int8", "fp8"] and ev.max_tokens == 4
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval-quality", "--quantization", "int3"])
