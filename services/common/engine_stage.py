@@ -6,7 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from stageserve.common.server import ServerConfig
+from stageserve.common.server import ServerConfig, ServerHandle
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine
 from stageserve.engine.factory import create_engine
@@ -26,6 +26,9 @@ class WorkerConfig:
     )
     engine: EngineConfig = field(default_factory=EngineConfig)
     step_timeout_s: float = field(default=30.0, metadata={"help": "a step slower than this marks the worker unhealthy", "min": 0.1})
+    watchdog_interval_s: float = field(
+        default=0.5, metadata={"help": "how often readiness is re-checked against the engine loop's health", "min": 0.01}
+    )
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -45,6 +48,13 @@ def pool_stats_pb(engine: LLMEngine) -> common_pb2.KVPoolStats:
         num_running=stats.num_running,
         num_waiting=stats.num_waiting,
     )
+
+
+async def keep_ready(handle: ServerHandle, worker: EngineWorker, config: WorkerConfig) -> None:
+    """Ready while the engine can serve: its thread is alive, steps do not keep failing, and no step has
+    run past step_timeout_s (the watchdog). A wedged worker turns NOT_SERVING and the gateway stops
+    routing to it; it turns SERVING again if the step ends."""
+    await handle.keep_ready(lambda: worker.healthy, config.watchdog_interval_s)
 
 
 async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None) -> EngineWorker:

@@ -26,8 +26,8 @@ from stageserve.common.convert import (
 )
 from stageserve.common import tracing
 from stageserve.common.metrics import Metrics
-from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
-from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError, NotFoundError
+from stageserve.common.engine_stage import WorkerConfig, keep_ready, kv_layout, pool_stats_pb, start_worker
+from stageserve.common.errors import DeadlineExceededError, InvalidArgumentError, NotFoundError, UnavailableError
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.engine.engine import RequestOutput
 from stageserve.engine.worker import EngineWorker
@@ -37,6 +37,7 @@ from stageserve.transport.host import validate_chunk
 from stageserve.v1 import decode_pb2, decode_pb2_grpc
 
 logger = logging.getLogger(__name__)
+SENDER_LOST = "the prefill worker went away mid-transfer"
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.ReserveResponse(descriptor=descriptor.to_pb())
 
     async def PushKV(self, request_iterator, context):
+        """`_push_kv`; a sender that goes away mid-transfer fails the reservation at once, so the Attach
+        waiting on it fails UNAVAILABLE (and the gateway may retry) instead of waiting out kv_wait_timeout_s."""
+        seen: list[str] = []
+
+        async def chunks():
+            async for chunk in request_iterator:
+                if not seen:
+                    seen.append(chunk.reservation_id)
+                yield chunk
+
+        try:
+            return await self._push_kv(chunks(), context)
+        except asyncio.CancelledError:
+            reservation = self.reservations.get(seen[0]) if seen else None
+            if reservation is not None and not reservation.complete:
+                reservation.fail(SENDER_LOST)
+            raise
+
+    async def _push_kv(self, request_iterator, context):
         reservation, num_chunks, num_bytes = None, 0, 0
         async for chunk in request_iterator:
             reservation = reservation or self._reservation(chunk.reservation_id, "kv_chunk.reservation_id")
@@ -128,6 +148,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 await asyncio.wait_for(reservation.settled.wait(), self.kv_wait_timeout_s)
             except TimeoutError:
                 raise DeadlineExceededError(f"reservation_id: KV did not arrive within {self.kv_wait_timeout_s} s") from None
+            if reservation.error == SENDER_LOST:
+                raise UnavailableError(f"reservation_id: KV transfer failed: {reservation.error}")
             if not reservation.complete:
                 raise InvalidArgumentError("reservation_id", f"KV transfer failed: {reservation.error}")
         span.add_event("kv_ready")
@@ -191,7 +213,7 @@ async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None)
     if config.sample_address:
         from stageserve.sample.remote import RemoteSampler
 
-        worker.engine.runner.sampler = RemoteSampler(config.sample_address)
+        worker.engine.runner.sampler = RemoteSampler(config.sample_address, security=config.server.security)
     metrics = Metrics()
     metrics.watch_engine(worker.engine.stats)
     metrics.watch_gpu()
@@ -199,7 +221,7 @@ async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None)
     handle = await create_server(config.server, [servicer], metrics=metrics)
     servicer.address = config.advertise_address or handle.address
     servicer.reaper = asyncio.create_task(servicer.reap_expired())
-    await handle.set_ready(True)
+    await keep_ready(handle, worker, config)
     logger.info("decode serving on %s (sampler %s)", handle.address, config.sample_address or "in-process")
     return handle, worker
 

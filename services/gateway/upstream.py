@@ -23,6 +23,11 @@ class UpstreamError(StageServeError):
     """A stage failed in a way the client cannot act on (INTERNAL, or a broken stream)."""
 
 
+class WorkerLostError(UnavailableError):
+    """A prefill or decode worker went away mid-request (its call failed UNAVAILABLE or CANCELLED, or the
+    gateway's probes found it gone). The request may run again on another worker (`worker_retry`)."""
+
+
 def upstream_error(stage: str, address: str, exc: grpc.aio.AioRpcError) -> StageServeError:
     """The error to raise to our client for `exc`, which the `stage` worker at `address` returned."""
     code, details = exc.code(), exc.details() or ""
@@ -33,7 +38,8 @@ def upstream_error(stage: str, address: str, exc: grpc.aio.AioRpcError) -> Stage
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhaustedError(f"{where} is full: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return UnavailableError(f"{where} is unavailable: {details}")
+        lost = WorkerLostError if stage in ("prefill", "decode") else UnavailableError
+        return lost(f"{where} is unavailable: {details}")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceededError(f"{where} did not answer in time: {details}")
     if code is grpc.StatusCode.NOT_FOUND:

@@ -27,7 +27,7 @@ from stageserve.common.convert import (
 )
 from stageserve.common import tracing
 from stageserve.common.metrics import Metrics
-from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
+from stageserve.common.engine_stage import WorkerConfig, keep_ready, kv_layout, pool_stats_pb, start_worker
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.engine.worker import EngineWorker
@@ -185,13 +185,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 async def start(config: PrefillServiceConfig, worker: EngineWorker | None = None) -> tuple[ServerHandle, EngineWorker]:
     worker = worker or await start_worker(config)
-    sender = HostKVSender(channel_cache(), max_chunk_bytes=config.kv_chunk_bytes, checksum=config.kv_checksum)
+    sender = HostKVSender(channel_cache(config.server.security), max_chunk_bytes=config.kv_chunk_bytes, checksum=config.kv_checksum)
     metrics = Metrics()
     metrics.watch_engine(worker.engine.stats)
     metrics.watch_gpu()
     servicer = PrefillServicer(worker, sender, config.kv_timeout_s, config.first_token_before_kv, metrics)
     handle = await create_server(config.server, [servicer], metrics=metrics)
-    await handle.set_ready(True)
+    await keep_ready(handle, worker, config)
     logger.info("prefill serving on %s", handle.address)
     return handle, worker
 
