@@ -169,28 +169,35 @@ class _SyncDetails(grpc.ClientCallDetails):
         self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
 
 
-class _AioToken(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds the bearer token to every call of an aio channel."""
-
+class _Token:
     def __init__(self, token: str):
         self.token = token
 
+
+class _AioTokenUU(_Token, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(_with_token(details, self.token), request)
 
+
+class _AioTokenUS(_Token, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(_with_token(details, self.token), request)
 
+
+class _AioTokenSU(_Token, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(_with_token(details, self.token), request_iterator)
 
+
+class _AioTokenSS(_Token, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(_with_token(details, self.token), request_iterator)
+
+
+def _aio_token_interceptors(token: str) -> list:
+    """One interceptor per call shape: grpc.aio files each interceptor under the first shape it
+    implements only, so a single class implementing all four would cover unary-unary calls alone."""
+    return [_AioTokenUU(token), _AioTokenUS(token), _AioTokenSU(token), _AioTokenSS(token)]
 
 
 class _SyncToken(
@@ -238,7 +245,7 @@ def aio_channel(address: str, security: SecurityConfig | None = None, options: S
     """An asyncio channel to `address` that dials TLS and carries the token as `security` says."""
     security = security or SecurityConfig()
     token = read_token(security)
-    interceptors = [_AioToken(token)] if token else None
+    interceptors = _aio_token_interceptors(token) if token else None
     credentials = channel_credentials(security)
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
