@@ -122,7 +122,7 @@ class RequestFlow:
                         retries += 1
                         logger.warning("request %s: %s; running it again elsewhere (retry %d, %d tokens so far)",
                                        self.request.request_id, exc, retries, len(self.generated))
-                        self._forget_workers()
+                        self._forget_workers(exc.address)
         finally:
             if not self.done:
                 await self._abort()
@@ -150,11 +150,11 @@ class RequestFlow:
             return False
         return mode == "always" or not self.generated
 
-    def _forget_workers(self) -> None:
-        """Leave the failed attempt behind: free what the old workers may still hold (in the background;
-        a dead worker answers nothing) and never route this request back to them."""
+    def _forget_workers(self, lost_address: str) -> None:
+        """Leave the failed attempt behind: free what its workers may still hold (in the background; a
+        dead worker answers nothing) and never route this request back to the lost one."""
         self._cancel(prefill=True)
-        self.avoid += [w for w in (self.decode, self.prefill) if w is not None]
+        self.avoid += [w for w in (self.decode, self.prefill) if w is not None and w.address == lost_address]
         self.decode = self.prefill = self.attach = None
         self.lost = ""
 
@@ -356,7 +356,7 @@ class RequestFlow:
         except asyncio.CancelledError:
             if not self.lost:  # our own cancellation (client gone, deadline): pass it on
                 raise
-            raise WorkerLostError(f"decode worker {decode.address} is gone: {self.lost}") from None
+            raise WorkerLostError(f"decode worker {decode.address} is gone: {self.lost}", decode.address) from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() in DOWN_CODES:
                 self.router.decodes.mark_down(decode, f"{exc.code().name}: {exc.details()}")

@@ -27,6 +27,10 @@ class WorkerLostError(UnavailableError):
     """A prefill or decode worker went away mid-request (its call failed UNAVAILABLE or CANCELLED, or the
     gateway's probes found it gone). The request may run again on another worker (`worker_retry`)."""
 
+    def __init__(self, message: str, address: str = ""):
+        super().__init__(message)
+        self.address = address  # the lost worker's
+
 
 def upstream_error(stage: str, address: str, exc: grpc.aio.AioRpcError) -> StageServeError:
     """The error to raise to our client for `exc`, which the `stage` worker at `address` returned."""
@@ -38,8 +42,9 @@ def upstream_error(stage: str, address: str, exc: grpc.aio.AioRpcError) -> Stage
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhaustedError(f"{where} is full: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        lost = WorkerLostError if stage in ("prefill", "decode") else UnavailableError
-        return lost(f"{where} is unavailable: {details}")
+        if stage in ("prefill", "decode"):
+            return WorkerLostError(f"{where} is unavailable: {details}", address)
+        return UnavailableError(f"{where} is unavailable: {details}")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceededError(f"{where} did not answer in time: {details}")
     if code is grpc.StatusCode.NOT_FOUND:
