@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
 import torch
 
 from stageserve.common.security import SecurityConfig, sync_channel
