@@ -3,10 +3,10 @@
 In-process (one event loop, real grpc.aio servers on port 0, engines on the shared weights):
 - a cancellation storm through the gateway leaves no block, sequence or reservation behind;
 - 4x more concurrent requests than the decode KV pool holds all complete, token for token equal
-  to the in-process engine run alone.
+  to the in-process engine run alone;
+- the decode engine never stalls with its pool held by waiting sequences.
 
-Subprocesses (`Cluster`, where process death matters): SIGKILL of a decode or prefill replica
-under load, and SIGTERM (drain) of the gateway and of a decode worker under load.
+Faults where process death matters (SIGKILL, SIGTERM drain) are in test_reliability_cluster.py.
 
 RELIABILITY.md lists each guarantee next to the test here that proves it.
 """
@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import os
 import random
-import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -27,12 +24,14 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 import pytest
+from test_cluster_e2e import PROMPTS  # the same eight prompts as the cluster e2e test
+from test_reliability_cluster import TYPED as CLUSTER_TYPED
 
-from stageserve.cluster.plan import ClusterConfig, plan_services
-from stageserve.cluster.supervisor import Cluster
 from stageserve.common.server import ServerConfig, ServerHandle
 from stageserve.decode.service import DecodeServiceConfig
 from stageserve.decode.service import start as start_decode
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.factory import create_engine
 from stageserve.engine.worker import EngineWorker
 from stageserve.gateway.client import build_request
 from stageserve.gateway.config import GatewayServiceConfig
@@ -48,25 +47,7 @@ from stageserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2_g
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "The history of the Roman Empire",
-    "def quicksort(arr):",
-    "Q: What is the boiling point of water?\nA:",
-    "Once upon a time, a small robot",
-    "Les fleurs du printemps sont",
-    "The mitochondria is",
-    "import numpy as np\n",
-    "Dear Sir or Madam,",
-]
-TYPED = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.CANCELLED,
-}
+TYPED = CLUSTER_TYPED | {grpc.StatusCode.CANCELLED}  # statuses a client can act on
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -276,10 +257,12 @@ def test_four_times_the_decode_pool_all_complete_equal_to_the_engine_alone(make_
     assert all(idle(p) for p in after)
 
 
-def test_decode_engine_with_a_full_pool_never_stops_making_progress(make_engine):
-    """The deadlock above, step by step on one engine: 4 blocks, sequences of 2 blocks, and a Reserve
-    (as the gateway retries it) whenever a block is free between two steps."""
-    engine = make_engine(num_blocks=4, block_size=16)
+def test_decode_engine_with_a_full_pool_never_stops_making_progress():
+    """Once a deadlock: attached requests wait holding their blocks behind a preempted one that cannot be
+    allocated, with nothing running. Step by step on one engine (a tiny dummy model: only the bookkeeping
+    matters): 4 blocks, sequences of 2 blocks, and a Reserve (as the gateway retries it) whenever a block
+    is free between two steps."""
+    engine = create_engine("dummy:tiny", EngineConfig(num_blocks=4, block_size=16, device="cpu", dtype="float32"))
     params = greedy(16)
     prompt = list(range(100, 111))  # 11 tokens: 1 block reserved; 27 with the output: 2 blocks
     added: list[str] = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 import pytest
+from test_cluster_e2e import PROMPTS  # the same eight prompts as the cluster e2e test
 
 from stageserve.cluster.plan import ClusterConfig, plan_services
 from stageserve.cluster.supervisor import Cluster
@@ -35,16 +36,6 @@ ENGINE = {"engine": {"num_blocks": NUM_BLOCKS, "max_num_batched_tokens": 256}}
 # Drain grace of the gateway and decode: long enough for the drain tests' streams on a busy 2-core machine
 # (the drain must finish them, not race a short grace).
 GRACE = {"server": {"grace_s": 30}}
-PROMPTS = [
-    "The history of the Roman Empire",
-    "def quicksort(arr):",
-    "Q: What is the boiling point of water?\nA:",
-    "Once upon a time, a small robot",
-    "Les fleurs du printemps sont",
-    "The mitochondria is",
-    "import numpy as np\n",
-    "Dear Sir or Madam,",
-]
 DEADLINE_S = 40.0  # of every client call: a hang shows up as DEADLINE_EXCEEDED at this bound
 TYPED = {
     grpc.StatusCode.INVALID_ARGUMENT,
