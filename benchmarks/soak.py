@@ -78,7 +78,7 @@ async def client_loop(stub, rng: random.Random, stop_at: float, max_tokens: int,
 
 
 async def soak(cluster: Cluster, args) -> dict:
-    names = cluster.names()
+    names = list(cluster.names)
     windows: list[dict] = []
     current: dict = {"latencies": [], "codes": Counter()}
 
