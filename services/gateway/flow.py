@@ -354,7 +354,8 @@ class RequestFlow:
         except TimeoutError:
             raise DeadlineExceededError(f"decode worker {decode.address}: no tokens for {idle:g} s") from None
         except asyncio.CancelledError:
-            if not self.lost:  # our own cancellation (client gone, deadline): pass it on
+            task = asyncio.current_task()
+            if not self.lost or (task is not None and task.cancelling()):  # our own cancellation: pass it on
                 raise
             raise WorkerLostError(f"decode worker {decode.address} is gone: {self.lost}", decode.address) from None
         except grpc.aio.AioRpcError as exc:
