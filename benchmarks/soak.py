@@ -129,6 +129,7 @@ def summarize(windows: list[dict], names: list[str], args, exited) -> dict:
         for n in names
     }
     p99s = [w["p99_s"] for w in warm if w["completed"]]
+    times = [w["t_s"] for w in warm if w["completed"]]
     return {
         "minutes": args.minutes,
         "concurrency": args.concurrency,
@@ -142,12 +143,24 @@ def summarize(windows: list[dict], names: list[str], args, exited) -> dict:
         "p99_last_s": last["p99_s"],
         "p99_drift_pct": round(100.0 * (last["p99_s"] - first["p99_s"]) / first["p99_s"], 1) if first["p99_s"] else None,
         "p99_median_s": round(statistics.median(p99s), 4) if p99s else None,
+        "p99_range_s": [min(p99s), max(p99s)] if p99s else None,
+        "p99_trend_pct": trend_pct(times, p99s),
         "rss_first_mib": {n: round(first["rss_kib"][n] / 1024, 1) for n in names},
         "rss_last_mib": {n: round(last["rss_kib"][n] / 1024, 1) for n in names},
         "rss_growth_pct": rss_growth,
         "exited_services": exited,
         "windows": windows,
     }
+
+
+def trend_pct(times: list[float], values: list[float]) -> float | None:
+    """Least-squares slope of `values` over `times`, as % of their mean over the whole span: a drift
+    figure that one noisy window (on a shared machine) moves less than first-vs-last does."""
+    if len(values) < 3:
+        return None
+    mt, mv = statistics.fmean(times), statistics.fmean(values)
+    slope = sum((t - mt) * (v - mv) for t, v in zip(times, values)) / sum((t - mt) ** 2 for t in times)
+    return round(100.0 * slope * (times[-1] - times[0]) / mv, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-blocks", type=int, default=512, help="KV blocks per engine")
     parser.add_argument("--out", default=None, help="directory for soak.json")
     parser.add_argument("--smoke", action="store_true", help="20 s with small windows: does it run?")
+    parser.add_argument("--from-json", default=None, help="only summarize the windows of an earlier run's soak.json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        for key in ("minutes", "concurrency", "max_tokens"):
+            setattr(args, key, earlier[key])
+        windows = earlier["windows"]
+        result = summarize(windows, list(windows[0]["rss_kib"]), args, exited=earlier["exited_services"])
+        print(json.dumps({k: v for k, v in result.items() if k != "windows"}, indent=2))
+        return 0
     if args.smoke:
         args.minutes, args.window_s, args.warmup_s, args.concurrency, args.max_tokens = 1 / 3, 5.0, 0.0, 8, 8
     engine = {"engine": {"num_blocks": args.num_blocks}}
