@@ -224,3 +224,28 @@ def test_a_request_crosses_every_hop_over_mtls_with_the_token(pki, tokenizer):
     reply, refused = asyncio.run(main())
     assert len(reply.token_ids) == 4
     assert refused is grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.slow
+def test_the_supervisor_health_checks_a_tls_service_over_tls(pki):
+    """`stageserve up`'s supervisor reads a role's `server.security` table, so a service started with mTLS
+    and a token is seen ready (over mTLS; health needs no token) and then serves only secured clients."""
+    import io
+
+    from stageserve.cluster.supervisor import Cluster, ServiceSpec
+
+    security = {
+        "tls_cert_file": pki["server_cert"], "tls_key_file": pki["server_key"], "tls_ca_file": pki["ca"],
+        "tls_require_client_cert": True, "auth_token_file": pki["token"],
+    }
+    spec = ServiceSpec("draft-0", "draft", config_values={"server": {"security": security}})
+    cluster = Cluster([spec], output=io.StringIO(), startup_timeout_s=60, grace_s=5)
+    cluster.start()
+    try:
+        cluster.wait_ready()
+        client = SecurityConfig(tls_cert_file=pki["client_cert"], tls_key_file=pki["client_key"],
+                                tls_ca_file=pki["ca"], auth_token_file=pki["token"])
+        assert propose_code(cluster.address("draft-0"), client) is grpc.StatusCode.OK
+        assert propose_code(cluster.address("draft-0"), None) is grpc.StatusCode.UNAVAILABLE
+    finally:
+        cluster.stop()
