@@ -27,6 +27,7 @@ import grpc
 import grpc.aio
 
 from stageserve.common.errors import InvalidArgumentError
+from stageserve.common.interceptors import rewrap
 
 AUTH_KEY = "authorization"
 OPEN_METHODS_PREFIX = "/grpc.health.v1.Health/"  # probes carry no token
@@ -133,14 +134,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def refuse(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-        codecs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(refuse, **codecs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(refuse, **codecs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(refuse, **codecs)
-        return grpc.stream_stream_rpc_method_handler(refuse, **codecs)
+        return rewrap(handler, lambda behavior, streams_out: refuse)
 
 
 def server_interceptors(security: SecurityConfig) -> list[grpc.aio.ServerInterceptor]:
