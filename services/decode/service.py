@@ -94,8 +94,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.ReserveResponse(descriptor=descriptor.to_pb())
 
     async def PushKV(self, request_iterator, context):
-        """`_push_kv`; a sender that goes away mid-transfer fails the reservation at once, so the Attach
-        waiting on it fails UNAVAILABLE (and the gateway may retry) instead of waiting out kv_wait_timeout_s."""
+        """`_push_kv`; a sender that goes away mid-transfer (the call is cancelled, or the stream ends before
+        the transfer is complete: one stream carries a whole transfer) fails the reservation at once, so the
+        Attach waiting on it fails UNAVAILABLE (the gateway may retry) instead of waiting kv_wait_timeout_s."""
         seen: list[str] = []
 
         async def chunks():
@@ -104,13 +105,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     seen.append(chunk.reservation_id)
                 yield chunk
 
-        try:
-            return await self._push_kv(chunks(), context)
-        except asyncio.CancelledError:
+        def fail_if_incomplete() -> None:
             reservation = self.reservations.get(seen[0]) if seen else None
-            if reservation is not None and not reservation.complete:
+            if reservation is not None and not reservation.complete and not reservation.settled.is_set():
                 reservation.fail(SENDER_LOST)
+
+        try:
+            response = await self._push_kv(chunks(), context)
+        except asyncio.CancelledError:
+            fail_if_incomplete()
             raise
+        fail_if_incomplete()
+        return response
 
     async def _push_kv(self, request_iterator, context):
         reservation, num_chunks, num_bytes = None, 0, 0

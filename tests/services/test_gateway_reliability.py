@@ -5,6 +5,7 @@ and the readiness watchdog of an engine-backed service.
 - a decode worker that fails mid-stream (UNAVAILABLE) or goes silent (its probes time out) ends its
   streams at once: with UNAVAILABLE, or (worker_retry=always) on another worker, re-prefilling the
   prompt plus the tokens already sent;
+- a KV sender that goes away mid-transfer fails decode's Attach at once (UNAVAILABLE);
 - a wedged engine step turns readiness NOT_SERVING, and SERVING again when the step ends.
 """
 
@@ -223,6 +224,60 @@ def test_a_wedged_engine_step_turns_readiness_off_until_it_ends():
                     await asyncio.sleep(0.05)
         finally:
             release.set()
+            await handle.stop(grace=0)
+            await worker.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_a_kv_sender_that_goes_away_mid_transfer_fails_the_attach_at_once():
+    """Prefill pushes part of the KV, then its stream breaks (the process died): decode's Attach fails
+    UNAVAILABLE (retryable) at once instead of waiting kv_wait_timeout_s, and the blocks are freed."""
+    import zlib
+
+    from stageserve.decode.service import DecodeServiceConfig
+    from stageserve.decode.service import start as start_decode
+    from stageserve.engine.config import EngineConfig
+    from stageserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+    async def body():
+        config = DecodeServiceConfig(
+            model="dummy:tiny", engine=EngineConfig(num_blocks=16, device="cpu", dtype="float32"), kv_wait_timeout_s=30,
+        )
+        handle, worker = await start_decode(config)
+        try:
+            async with grpc.aio.insecure_channel(handle.address) as channel:
+                decode = decode_pb2_grpc.DecodeStub(channel)
+                reserved = (await decode.Reserve(decode_pb2.ReserveRequest(request_id="r", num_tokens=5), timeout=5)).descriptor
+                layout, n = reserved.layout, len(reserved.block_ids)
+                data = bytes(4 * 2 * n * layout.block_size * layout.num_kv_heads * layout.head_dim)
+                first_layer = common_pb2.KVChunk(
+                    reservation_id=reserved.reservation_id, layer_index=0, block_ids=reserved.block_ids,
+                    dtype=layout.dtype, shape=[2, n, layout.block_size, layout.num_kv_heads, layout.head_dim],
+                    data=data, crc32=zlib.crc32(data), chunk_index=0, final=False,
+                )
+                sent = asyncio.Event()
+
+                async def chunks():
+                    yield first_layer
+                    sent.set()
+                    await asyncio.Event().wait()  # the rest never comes
+
+                push = decode.PushKV(chunks(), timeout=30)
+                await sent.wait()
+                await asyncio.sleep(0.2)  # decode has received and written layer 0
+                push.cancel()  # the sender is gone
+                start = time.monotonic()
+                attach = decode.Attach(decode_pb2.AttachRequest(
+                    request_id="r", reservation_id=reserved.reservation_id, prompt_token_ids=[1, 2, 3, 4, 5],
+                    first_token=common_pb2.SampledToken(token_id=7),
+                ), timeout=30)
+                error = await rpc_error(attach.read())
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - start < 2
+                await decode.Cancel(decode_pb2.DecodeCancelRequest(request_id="r"), timeout=5)
+                pool = (await decode.Stats(decode_pb2.DecodeStatsRequest(), timeout=5)).pool
+                assert (pool.free_blocks, pool.reserved_blocks) == (pool.total_blocks, 0)
+        finally:
             await handle.stop(grace=0)
             await worker.stop()
 
