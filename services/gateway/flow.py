@@ -77,7 +77,8 @@ class RequestFlow:
         self.generated: list[int] = []  # token ids the client has been sent (a retry prefills them too)
         self.params_pb = request.sampling_params_pb()  # of the current attempt: max_tokens shrinks on a retry
         self.avoid: list[Worker] = []  # workers lost during this request: no retry goes back to them
-        self.lost = ""  # why the decode worker we stream from was found gone, once it is
+        self.lost = ""  # why a worker our stream depends on was found gone, once it is
+        self.lost_address = ""  # and which
         self.metrics = gateway.metrics
         self.span = tracing.current_span()  # the request's root span, once `run` opens it
 
@@ -156,7 +157,7 @@ class RequestFlow:
         self._cancel(prefill=True)
         self.avoid += [w for w in (self.decode, self.prefill) if w is not None and w.address == lost_address]
         self.decode = self.prefill = self.attach = None
-        self.lost = ""
+        self.lost = self.lost_address = ""
 
     def _timeout(self, limit: float) -> float:
         """`limit`, cut to what is left of the client's deadline."""
@@ -326,10 +327,17 @@ class RequestFlow:
             timeout=None if self.deadline is None else self._timeout(float("inf")),
             metadata=tracing.outgoing_metadata(),
         )
-        decode.on_lost.add(self._decode_lost)
+        # Until decode's first event, the KV may still be on its way from the prefill worker (it returned
+        # the first token before sending): if that worker is found gone, the KV never comes.
+        prefill = self.prefill
+        watched = [(decode, self._decode_lost)] + ([(prefill, self._prefill_lost)] if prefill is not None else [])
+        for worker, notify in watched:
+            worker.on_lost.add(notify)
         try:
             while True:
                 event = await self._next_event(decode)
+                if prefill is not None:
+                    prefill.on_lost.discard(self._prefill_lost)  # the KV has landed
                 self._observe_tokens(len(event.tokens))
                 message = await self._message(event.tokens, event.finish_reason, text, usage)
                 if message.finish_reason != UNSPECIFIED:
@@ -338,11 +346,19 @@ class RequestFlow:
                 if message.token_ids or message.text:
                     yield message
         finally:
-            decode.on_lost.discard(self._decode_lost)
+            for worker, notify in watched:
+                worker.on_lost.discard(notify)
 
     def _decode_lost(self, reason: str) -> None:
         """The router found our decode worker gone: cut the stream now (`_next_event` reports why)."""
-        self.lost = reason
+        self._cut(f"decode worker {self.decode.address} is gone: {reason}", self.decode.address)
+
+    def _prefill_lost(self, reason: str) -> None:
+        self._cut(f"prefill worker {self.prefill.address} is gone before its KV transfer landed: {reason}",
+                  self.prefill.address)
+
+    def _cut(self, why: str, address: str) -> None:
+        self.lost, self.lost_address = why, address
         if self.attach is not None:
             self.attach.cancel()
 
@@ -357,7 +373,7 @@ class RequestFlow:
             task = asyncio.current_task()
             if not self.lost or (task is not None and task.cancelling()):  # our own cancellation: pass it on
                 raise
-            raise WorkerLostError(f"decode worker {decode.address} is gone: {self.lost}", decode.address) from None
+            raise WorkerLostError(self.lost, self.lost_address) from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() in DOWN_CODES:
                 self.router.decodes.mark_down(decode, f"{exc.code().name}: {exc.details()}")

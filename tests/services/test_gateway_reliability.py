@@ -5,7 +5,8 @@ and the readiness watchdog of an engine-backed service.
 - a decode worker that fails mid-stream (UNAVAILABLE) or goes silent (its probes time out) ends its
   streams at once: with UNAVAILABLE, or (worker_retry=always) on another worker, re-prefilling the
   prompt plus the tokens already sent;
-- a KV sender that goes away mid-transfer fails decode's Attach at once (UNAVAILABLE);
+- a KV sender that goes away mid-transfer fails decode's Attach at once (UNAVAILABLE), and a prefill
+  worker found gone before its KV landed ends the gateway's wait for it;
 - a wedged engine step turns readiness NOT_SERVING, and SERVING again when the step ends.
 """
 
@@ -177,6 +178,44 @@ def test_a_silent_decode_is_found_by_its_probes_and_its_streams_end_at_once(toke
             error = await rpc_error(c.client.complete(PROMPT, params=SamplingParams(max_tokens=8)))
             assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - start < 2
             assert not c.gateway.gateway.router.decodes.workers[0].available
+
+    run(body)
+
+
+class PrefillThatDiesAfterAnswering(FakePrefill):
+    """Returns the first token (its KV push would follow in the background), then is gone."""
+
+    dead = False
+
+    async def Prefill(self, request, context):
+        reply = await super().Prefill(request, context)
+        self.dead = True
+        return reply
+
+    async def Stats(self, request, context):
+        if self.dead:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        return await super().Stats(request, context)
+
+
+class DecodeAwaitingKV(FakeDecode):
+    """Attach waits for KV that never comes (up to decode's kv_wait_timeout_s, 30 s by default)."""
+
+    async def Attach(self, request, context):
+        self.attached.append(request)
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+
+def test_a_prefill_lost_before_its_kv_landed_ends_the_wait_for_it_at_once(tokenizer, output_ids):
+    async def body():
+        prefill, decode = PrefillThatDiesAfterAnswering(output_ids[0]), DecodeAwaitingKV(chunked(output_ids[1:]))
+        async with cluster(tokenizer, [prefill], [decode]) as c:
+            start = time.monotonic()
+            error = await rpc_error(c.client.complete(PROMPT, params=SamplingParams(max_tokens=8)))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "prefill" in error.details()
+            assert time.monotonic() - start < 2
+            await eventually(lambda: len(decode.cancelled) == 1)  # the reservation was let go
 
     run(body)
 
