@@ -214,9 +214,10 @@ def test_sigkill_of_a_decode_replica_under_load(cluster, reference):
 
 def test_sigkill_of_a_prefill_replica_under_load(cluster, reference):
     """16 requests over 2 prefill replicas; prefill-1 is SIGKILLed while prompts are in flight. A Prefill
-    call it was running moves to prefill-0 (transparent retry); a KV push it was sending fails the
-    decode reservation at once, so that request ends UNAVAILABLE within 2 s. Every other request
-    completes with the right number of tokens, nothing hangs, and new requests then succeed."""
+    call it was running moves to prefill-0 (transparent retry); a request whose KV it had not finished
+    sending ends UNAVAILABLE within 2 s (decode fails a cut-off push at once; a push not yet begun is
+    cut by the gateway once its probe finds prefill-1 gone). Every other request completes with the
+    right number of tokens, nothing hangs, and new requests then succeed."""
     prompts, outputs = reference
     # Long prompts keep prefill busy long enough to be killed mid-work.
     long_prompts = [p * 12 for p in prompts]
