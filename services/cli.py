@@ -63,8 +63,20 @@ def engine_config_from_args(args: argparse.Namespace):
     return dataclass_from_args(EngineConfig, args)
 
 
+def add_client_security_args(parser: argparse.ArgumentParser) -> None:
+    """--tls-ca-file, --tls-cert-file, --tls-key-file, --auth-token-file ... for calls to a gateway."""
+    from stageserve.common.config import add_dataclass_args
+    from stageserve.common.security import SecurityConfig
+
+    add_dataclass_args(parser.add_argument_group("security (with --target)"), SecurityConfig)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from stageserve.common.config import dataclass_from_args
+    from stageserve.common.security import SecurityConfig
+
     params = sampling_params_from_args(args)
+    args.security = dataclass_from_args(SecurityConfig, args)
     if args.local == bool(args.target):
         print("error: generate needs one of --local (in-process engine) and --target HOST:PORT", file=sys.stderr)
         return 2
@@ -162,7 +174,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
 
 
 def add_eval_quality_parser(sub) -> None:
-    from stageserve.engine.quant.quality import add_eval_quality_args
+    from stageserve.engine.quant.variants import add_eval_quality_args
 
     ev = sub.add_parser(
         "eval-quality", help="perplexity and greedy agreement of quantized variants against the unquantized model",
@@ -191,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_sampling_args(gen)
     add_engine_args(gen)
+    add_client_security_args(gen)
     gen.set_defaults(func=cmd_generate)
     add_serve_parser(sub)
     add_up_parser(sub)

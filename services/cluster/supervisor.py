@@ -39,6 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stageserve.common.errors import StageServeError
 from stageserve.common.roles import get_role
+from stageserve.common.security import SecurityConfig, sync_channel
 
 _POLL_S = 0.2
 _HEALTH_RPC_TIMEOUT_S = 1.0
@@ -446,7 +447,8 @@ class Cluster:
     def _health_status(self, service: _Service) -> int | None:
         channel = self._channels.get(service.name)
         if channel is None:
-            channel = grpc.insecure_channel(self.address(service.name), options=_HEALTH_CHANNEL_OPTIONS)
+            security = _security(service.spec.config_values)  # a TLS service is health-checked over TLS
+            channel = sync_channel(self.address(service.name), security, _HEALTH_CHANNEL_OPTIONS)
             self._channels[service.name] = channel
         stub = health_pb2_grpc.HealthStub(channel)
         try:
@@ -528,3 +530,9 @@ def run_until_signal(cluster: Cluster, on_ready: Callable[[], None] | None = Non
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
     return status
+
+
+def _security(config_values: Mapping[str, Any]) -> SecurityConfig:
+    """The `server: {security: ...}` table of a role's config, as the service itself will read it."""
+    table = (config_values.get("server") or {}).get("security") or {}
+    return SecurityConfig(**{key.replace("-", "_"): value for key, value in table.items()})

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stageserve.common.errors import InvalidArgumentError
-from stageserve.common.server import ServerConfig
+from stageserve.common.server import ServerConfig, ServerHandle
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine
 from stageserve.engine.factory import create_engine
@@ -33,6 +33,9 @@ class WorkerConfig:
         default=False,
         metadata={"help": "verbose tracing: a span per engine step, linked to its requests' spans, with remote sample calls under it"},
     )
+    watchdog_interval_s: float = field(
+        default=0.5, metadata={"help": "how often readiness is re-checked against the engine loop's health", "min": 0.01}
+    )
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -54,6 +57,13 @@ def pool_stats_pb(engine: LLMEngine) -> common_pb2.KVPoolStats:
         num_running=stats.num_running,
         num_waiting=stats.num_waiting,
     )
+
+
+async def keep_ready(handle: ServerHandle, worker: EngineWorker, config: WorkerConfig) -> None:
+    """Ready while the engine can serve: its thread is alive, steps do not keep failing, and no step has
+    run past step_timeout_s (the watchdog). A wedged worker turns NOT_SERVING and the gateway stops
+    routing to it; it turns SERVING again if the step ends."""
+    await handle.keep_ready(lambda: worker.healthy, config.watchdog_interval_s)
 
 
 async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None) -> EngineWorker:

@@ -138,16 +138,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        codecs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary_response(handler.unary_unary, method), **codecs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream_response(handler.unary_stream, method), **codecs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary_response(handler.stream_unary, method), **codecs)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_wrap_stream_response(handler.stream_stream, method), **codecs)
-        return handler
+
+        def wrap(behavior: Behavior, streams_out: bool) -> Any:
+            return (_wrap_stream_response if streams_out else _wrap_unary_response)(behavior, method)
+
+        return rewrap(handler, wrap)
+
+
+def rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Any]) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s shape and codecs whose behavior is `wrap(behavior, streams_out)`."""
+    codecs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), **codecs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True), **codecs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, False), **codecs)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), **codecs)
+    return handler

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from stageserve.common.errors import InvalidArgumentError
 from stageserve.common import tracing
 from stageserve.common.interceptors import ErrorInterceptor
 from stageserve.common.metrics import Metrics, serve_metrics
+from stageserve.common.security import SecurityConfig, server_credentials, server_interceptors
 
 MIB = 1024 * 1024
 
@@ -58,6 +60,7 @@ class ServerConfig:
         default=0,
         metadata={"help": "port of the Prometheus /metrics endpoint (on `host`); 0 disables it", "min": 0, "max": 65535},
     )
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS/mTLS and token, in and out
 
 
 @dataclass
@@ -71,6 +74,26 @@ class ServerHandle:
     grace_s: float = 5.0
     address: str = ""  # host:port that clients dial
     stop_metrics: Callable[[], None] = lambda: None  # stops the /metrics HTTP server, if one runs
+    watchdog: asyncio.Task | None = None  # keeps readiness in line with `keep_ready`'s check
+
+    async def keep_ready(self, ready: Callable[[], bool], interval_s: float) -> None:
+        """Readiness follows `ready()` (e.g. "the engine thread is alive and its step is not wedged"),
+        checked now and every `interval_s` until `stop`. Liveness ("") is left SERVING: a wedged worker
+        should leave rotation, and only its own supervisor decides whether to restart it."""
+        last = ready()
+        await self.set_ready(last)
+
+        async def watch() -> None:
+            nonlocal last
+            while True:
+                await asyncio.sleep(interval_s)
+                now = ready()
+                if now != last:
+                    logging.getLogger(__name__).warning("readiness -> %s", "SERVING" if now else "NOT_SERVING")
+                    await self.set_ready(now)
+                    last = now
+
+        self.watchdog = asyncio.create_task(watch(), name="readiness-watchdog")
 
     async def set_ready(self, ready: bool) -> None:
         """Report every application service SERVING (ready) or NOT_SERVING under its readiness name."""
@@ -80,6 +103,8 @@ class ServerHandle:
 
     async def stop(self, grace: float | None = None) -> None:
         """Fail health checks, then stop; in-flight RPCs get `grace` seconds (default: the config's)."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.grace_s if grace is None else grace)
         self.stop_metrics()
@@ -136,7 +161,7 @@ async def create_server(
 ) -> ServerHandle:
     """Build, bind and start a server for `servicers` (instances of generated `*Servicer` subclasses).
 
-    The error interceptor runs outermost, then (once `tracing.configure` installed a provider) the
+    The auth interceptor (with a token configured) runs outermost, then the error interceptor, then (once `tracing.configure` installed a provider) the
     tracing interceptor, then `interceptors`. Liveness ("") is SERVING at once; every service's
     readiness stays NOT_SERVING until `handle.set_ready(True)`. With `config.metrics_port`, `metrics`
     is served over HTTP until the handle stops.
@@ -145,7 +170,7 @@ async def create_server(
         raise InvalidArgumentError("servicers", "at least one servicer is required")
     traced = [tracing.TracingInterceptor()] if tracing.enabled() else []
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *traced, *interceptors],
+        interceptors=[*server_interceptors(config.security), ErrorInterceptor(), *traced, *interceptors],
         options=_options(config),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -160,7 +185,11 @@ async def create_server(
     host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
     address = f"{host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        credentials = server_credentials(config.security)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
         raise InvalidArgumentError("port", f"cannot listen on {address}: {exc}") from exc
     await server.start()

@@ -29,7 +29,7 @@ from stageserve.common.convert import (
 )
 from stageserve.common import tracing
 from stageserve.common.metrics import Metrics
-from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
+from stageserve.common.engine_stage import WorkerConfig, keep_ready, kv_layout, pool_stats_pb, start_worker
 from stageserve.common.errors import DataLossError, DeadlineExceededError, InvalidArgumentError, NotFoundError
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.engine.engine import RequestOutput
@@ -221,7 +221,7 @@ async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None)
     if config.sample_address:
         from stageserve.sample.remote import RemoteSampler
 
-        worker.engine.runner.sampler = RemoteSampler(config.sample_address)
+        worker.engine.runner.sampler = RemoteSampler(config.sample_address, security=config.server.security)
     metrics = Metrics()
     metrics.watch_engine(worker.engine.stats)
     metrics.watch_gpu()
@@ -231,7 +231,7 @@ async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None)
     handle = await create_server(config.server, [servicer], metrics=metrics)
     servicer.address = config.advertise_address or handle.address
     servicer.reaper = asyncio.create_task(servicer.reap_expired())
-    await handle.set_ready(True)
+    await keep_ready(handle, worker, config)
     logger.info("decode serving on %s (sampler %s, kv transports %s)", handle.address,
                 config.sample_address or "in-process", ", ".join(servicer.transports))
     return handle, worker

@@ -71,6 +71,11 @@ class EngineConfig:
         default=512, metadata={"help": "token budget of one step; the chunked-prefill chunk size", "min": 1}
     )
     max_waiting: int = field(default=1024, metadata={"help": "most requests waiting to be scheduled", "min": 0})
+    max_waiting_tokens: int = field(
+        default=1 << 18,
+        metadata={"help": "most tokens still to compute over the waiting requests; beyond this RESOURCE_EXHAUSTED "
+                  "(an empty queue takes any request; 0: no bound)", "min": 0},
+    )
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks of shared prefixes"})
     max_model_len: int | None = field(
         default=None, metadata={"help": "context limit in tokens (default: the model's own)", "min": 1}

@@ -55,12 +55,20 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_waiting = 0  # live requests in `waiting`; aborted ones are skipped lazily
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, num_tokens: int = 0) -> None:
+        """Refuse (RESOURCE_EXHAUSTED, retry later) a request the waiting queue has no room for."""
         if self.num_waiting >= self.config.max_waiting:
-            raise ResourceExhaustedError(f"waiting queue is full ({self.config.max_waiting} requests)")
+            raise ResourceExhaustedError(f"waiting queue is full ({self.config.max_waiting} requests)", retry_after_s=0.5)
+        limit = self.config.max_waiting_tokens
+        if limit and self.num_waiting and self.waiting_tokens() + num_tokens > limit:
+            raise ResourceExhaustedError(f"waiting queue is full ({limit} tokens to compute)", retry_after_s=0.5)
+
+    def waiting_tokens(self) -> int:
+        """Tokens still to compute over the waiting requests (O(waiting), which max_waiting bounds)."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting if not r.is_finished)
 
     def add(self, request: Request) -> None:
-        self.check_capacity()
+        self.check_capacity(request.num_tokens - request.num_computed_tokens)
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self.num_waiting += 1
@@ -109,6 +117,8 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
             block_ids = self.kv.allocate_slots(request, num_new, hits)
             if block_ids is None:
+                if not self.running and self._reclaim_from_waiters(out):
+                    continue  # retry the head with the blocks a waiter behind it gave back
                 break
             self.waiting.popleft()
             self.num_waiting -= 1
@@ -119,6 +129,24 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new, block_ids))
             budget -= num_new
+
+    def _reclaim_from_waiters(self, out: SchedulerOutput) -> bool:
+        """Preempt (by recompute) the last waiter that holds blocks; True if one did.
+
+        Only when nothing runs: then no running sequence will ever free a block, and an attached
+        request (decode: its KV arrived, so it waits holding blocks) behind a head that cannot be
+        allocated would otherwise hold the pool forever while the engine steps on nothing.
+        """
+        for request in reversed(self.waiting):
+            if request is self.waiting[0] or request.is_finished or not self.kv.block_ids(request.request_id):
+                continue
+            self.kv.free(request)
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
+            request.num_preemptions += 1
+            out.preempted.append(request)
+            return True
+        return False
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import grpc.aio
 
 from stageserve.common.convert import finish_reason_from_pb, sampling_params_to_pb
+from stageserve.common.security import SecurityConfig, aio_channel
 from stageserve.sample.params import SamplingParams
 from stageserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -116,12 +117,11 @@ class Generation:
 class GatewayClient:
     """One channel to a gateway, reused for every call. Use it as an async context manager, or `close()` it."""
 
-    def __init__(self, address: str, *, timeout_s: float | None = None):
+    def __init__(self, address: str, *, timeout_s: float | None = None, security: SecurityConfig | None = None):
         self.address = address
         self.timeout_s = timeout_s  # default deadline of each call; None: none
-        self._channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        )
+        # TLS (verify against security.tls_ca_file, client cert for mTLS) and the bearer token, if set.
+        self._channel = aio_channel(address, security, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def __aenter__(self) -> GatewayClient:

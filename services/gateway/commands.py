@@ -32,7 +32,7 @@ async def _generate(args: argparse.Namespace, params: SamplingParams) -> int:
     options = {"params": params, "model": args.model or "", "timeout_s": args.timeout}
     if getattr(args, "traceparent", None):
         options["traceparent"] = args.traceparent
-    async with GatewayClient(args.target) as client:
+    async with GatewayClient(args.target, security=getattr(args, "security", None)) as client:
         if args.json:
             reply = await client.complete(**inputs, **options)
             print(json.dumps(Generation.from_complete(reply).to_json()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.common.server import ServerConfig
@@ -37,6 +38,32 @@ class GatewayServiceConfig:
     max_queue_requests: int = field(
         default=1024,
         metadata={"help": "requests waiting for a running slot; beyond this, RESOURCE_EXHAUSTED", "min": 0},
+    )
+    max_queue_tokens: int = field(
+        default=1 << 20,
+        metadata={"help": "tokens (prompt bound + max_tokens) the queued requests may hold together; beyond this, "
+                  "RESOURCE_EXHAUSTED (0: no bound)", "min": 0},
+    )
+    max_client_requests: int = field(
+        default=0,
+        metadata={"help": "running + queued requests one client may have; beyond this, RESOURCE_EXHAUSTED "
+                  "(0: no per-client limit)", "min": 0},
+    )
+    client_id_metadata_key: str = field(
+        default="x-client-id",
+        metadata={"help": "call metadata naming the client for max_client_requests (absent: the peer's host)"},
+    )
+    retry_after_s: float = field(
+        default=1.0, metadata={"help": "retry hint (trailing metadata retry-after-s) of a full gateway", "min": 0.0}
+    )
+    worker_retry: Literal["off", "before_output", "always"] = field(
+        default="before_output",
+        metadata={"help": "when a prefill or decode worker fails (UNAVAILABLE), run the request again elsewhere, "
+                  "re-prefilling the tokens so far: off | before_output (only if the client has no token yet) | "
+                  "always (also mid-stream; sampled, unseeded output may then differ from an unbroken run)"},
+    )
+    max_worker_retries: int = field(
+        default=2, metadata={"help": "how many times one request may move to another worker", "min": 0}
     )
     rpc_timeout_s: float = field(
         default=30.0,

@@ -25,7 +25,10 @@ class Gateway:
         self.config = config
         self.router = router
         self.metrics = metrics or Metrics()
-        self.admission = Admission(config.max_running_requests, config.max_queue_requests)
+        self.admission = Admission(
+            config.max_running_requests, config.max_queue_requests, config.max_queue_tokens,
+            config.max_client_requests, config.retry_after_s,
+        )
         self.active: set[str] = set()
         self._cleanups: set[asyncio.Task] = set()  # Cancel calls outliving the request that started them
 
@@ -36,15 +39,16 @@ class Gateway:
         )
 
     async def generate(
-        self, request: GenerateInput, arrival: float, time_remaining: float | None
+        self, request: GenerateInput, arrival: float, time_remaining: float | None, client: str = ""
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        """Run `request`; `time_remaining` is the client's deadline in seconds from now (None: none)."""
+        """Run `request`; `time_remaining` is the client's deadline in seconds from now (None: none);
+        `client` names the caller for per-client limits."""
         if request.request_id in self.active:
             raise InvalidArgumentError("request_id", f"{request.request_id!r} is already in flight")
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
         self.active.add(request.request_id)
         try:
-            async for message in RequestFlow(self, request, arrival, deadline).run():
+            async for message in RequestFlow(self, request, arrival, deadline, client).run():
                 yield message
         finally:
             self.active.discard(request.request_id)

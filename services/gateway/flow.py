@@ -7,6 +7,11 @@
     -> each TokenEvent: one Detokenize for all its tokens, stop strings, one message to the client
     -> the last message carries finish_reason, usage and timing.
 
+A prefill or decode worker lost mid-request (its call fails UNAVAILABLE, or the gateway's probes find it
+gone, which cuts its streams at once) fails the request with UNAVAILABLE, or, as `worker_retry` allows,
+runs it again from Reserve on other workers: the prompt plus every token the client already has is
+prefilled anew (prefix caching makes that cheap), with max_tokens reduced by as many.
+
 Whatever ends the request early (client cancel, deadline, a stop string, a failed stage) cancels the
 decode stream and calls Decode.Cancel and Prefill.Cancel, shielded from the cancellation that caused
 it and bounded by `cancel_timeout_s`, so every stage frees the request's blocks within a step. Every
@@ -16,9 +21,10 @@ call to a worker has a timeout, and no wait is unbounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -30,7 +36,7 @@ from stageserve.common.interceptors import status_for
 from stageserve.gateway.request import GenerateInput, Timing, Usage
 from stageserve.gateway.routing import DOWN_CODES, Worker, WorkerPool
 from stageserve.gateway.text import TextStream
-from stageserve.gateway.upstream import UpstreamError, upstream_error
+from stageserve.gateway.upstream import UpstreamError, WorkerLostError, upstream_error
 from stageserve.v1 import common_pb2, decode_pb2, gateway_pb2, prefill_pb2, tokenizer_pb2
 
 if TYPE_CHECKING:
@@ -50,8 +56,11 @@ NOTHING_RESERVED = frozenset(
 class RequestFlow:
     """One request's trip through the stages (see the module docstring)."""
 
-    def __init__(self, gateway: Gateway, request: GenerateInput, arrival: float, deadline: float | None):
+    def __init__(
+        self, gateway: Gateway, request: GenerateInput, arrival: float, deadline: float | None, client: str = ""
+    ):
         self.gw = gateway
+        self.client = client
         self.config = gateway.config
         self.router = gateway.router
         self.request = request
@@ -66,6 +75,11 @@ class RequestFlow:
         self.queue_s = 0.0
         self.ttft_s = 0.0
         self.last_token_at = 0.0  # when the latest tokens reached us (inter-token latency)
+        self.generated: list[int] = []  # token ids the client has been sent (a retry prefills them too)
+        self.params_pb = request.sampling_params_pb()  # of the current attempt: max_tokens shrinks on a retry
+        self.avoid: list[Worker] = []  # workers lost during this request: no retry goes back to them
+        self.lost = ""  # why a worker our stream depends on was found gone, once it is
+        self.lost_address = ""  # and which
         self.metrics = gateway.metrics
         self.span = tracing.current_span()  # the request's root span, once `run` opens it
 
@@ -92,21 +106,59 @@ class RequestFlow:
     async def _run(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         try:
             queued_ns = time.time_ns()
-            async with self.gw.admission.slot() as self.queue_s:
+            async with self.gw.admission.slot(self.request.token_bound(), self.client) as self.queue_s:
                 self.metrics.request_queue_time.observe(self.queue_s)
                 tracing.record_span("gateway.queue", queued_ns, time.time_ns())
                 prompt = await self._tokenize()
                 text = TextStream(prompt, self.request.params.stop, self.request.skip_special_tokens, self._detokenize)
-                prefill = self.router.prefills.choose()
-                descriptor = await self._reserve(len(prompt), prefill)
-                with self.router.decodes.track(self.decode):  # decode's load: the whole request, not one call
-                    async for message in self._stream(prompt, text, prefill, descriptor):
-                        yield message
+                usage = Usage(len(prompt), completion_tokens=0, cached_tokens=0)
+                retries = 0
+                while True:
+                    try:
+                        async for message in self._attempt(prompt, text, usage):
+                            yield message
+                        break
+                    except WorkerLostError as exc:
+                        if not self._may_retry(retries):
+                            raise
+                        retries += 1
+                        logger.warning("request %s: %s; running it again elsewhere (retry %d, %d tokens so far)",
+                                       self.request.request_id, exc, retries, len(self.generated))
+                        self._forget_workers(exc.address)
         finally:
             if not self.done:
                 await self._abort()
             if self.release is not None:  # sent the last message first; now make sure decode let go
                 await asyncio.shield(self.release)
+
+    async def _attempt(
+        self, prompt: list[int], text: TextStream, usage: Usage
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """Reserve, prefill and decode once; on a retry the prompt carries the tokens already sent."""
+        tokens = prompt + self.generated
+        self.params_pb = self.request.sampling_params_pb()
+        if self.generated:
+            self.params_pb.max_tokens -= len(self.generated)
+            self.params_pb.min_tokens = max(0, self.params_pb.min_tokens - len(self.generated))
+        prefill = self.router.prefills.choose(exclude=self.avoid)
+        descriptor = await self._reserve(len(tokens), prefill)
+        with self.router.decodes.track(self.decode):  # decode's load: the whole request, not one call
+            async for message in self._stream(tokens, text, prefill, descriptor, usage):
+                yield message
+
+    def _may_retry(self, retries: int) -> bool:
+        mode = self.config.worker_retry
+        if mode == "off" or retries >= self.config.max_worker_retries:
+            return False
+        return mode == "always" or not self.generated
+
+    def _forget_workers(self, lost_address: str) -> None:
+        """Leave the failed attempt behind: free what its workers may still hold (in the background; a
+        dead worker answers nothing) and never route this request back to the lost one."""
+        self._cancel(prefill=True)
+        self.avoid += [w for w in (self.decode, self.prefill) if w is not None and w.address == lost_address]
+        self.decode = self.prefill = self.attach = None
+        self.lost = self.lost_address = ""
 
     def _timeout(self, limit: float) -> float:
         """`limit`, cut to what is left of the client's deadline."""
@@ -121,7 +173,7 @@ class RequestFlow:
         self, pool: WorkerPool, attempt: Callable[[Worker], Awaitable[T]], retry: frozenset, first: Worker | None = None
     ) -> T:
         """`attempt` on the pool's best worker; on a status in `retry`, again on the next one, until none is left."""
-        tried: list[Worker] = []
+        tried: list[Worker] = list(self.avoid)
         last_error: Exception | None = None
         worker = first
         while True:
@@ -188,7 +240,7 @@ class RequestFlow:
         pb = decode_pb2.ReserveRequest(
             request_id=self.request.request_id,
             num_tokens=num_tokens,
-            sampling_params=self.request.sampling_params_pb(),
+            sampling_params=self.params_pb,
             peer_id=prefill.address,
             transports=prefill.kv_transports,
             peer_host_id=prefill.host_id,
@@ -217,7 +269,7 @@ class RequestFlow:
         pb = prefill_pb2.PrefillRequest(
             request_id=request.request_id,
             prompt_token_ids=prompt,
-            sampling_params=request.sampling_params_pb(),
+            sampling_params=self.params_pb,
             cache_salt=request.cache_salt,
             decode_target=prefill_pb2.DecodeTarget(address=self.decode.address, kv=descriptor),
         )
@@ -236,28 +288,51 @@ class RequestFlow:
         return reply
 
     async def _stream(
-        self, prompt: list[int], text: TextStream, prefill: Worker, descriptor: common_pb2.KVTransferDescriptor
+        self, prompt: list[int], text: TextStream, prefill: Worker, descriptor: common_pb2.KVTransferDescriptor,
+        usage: Usage,
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         reply = await self._prefill(prompt, prefill, descriptor)
         self.last_token_at = time.monotonic()
-        self.ttft_s = self.last_token_at - self.arrival
-        self.metrics.time_to_first_token.observe(self.ttft_s)
-        self.span.set_attribute("gen_ai.usage.input_tokens", len(prompt))
-        usage = Usage(len(prompt), completion_tokens=0, cached_tokens=reply.num_cached_tokens)
+        first_attempt = not self.generated
+        if first_attempt:
+            self.ttft_s = self.last_token_at - self.arrival
+            self.metrics.time_to_first_token.observe(self.ttft_s)
+            self.span.set_attribute("gen_ai.usage.input_tokens", len(prompt))
+            usage.cached_tokens = reply.num_cached_tokens
         message = await self._message([reply.first_token], reply.finish_reason, text, usage)
-        message.prompt_token_ids.extend(prompt)
+        if first_attempt:
+            message.prompt_token_ids.extend(prompt)
         if message.finish_reason != UNSPECIFIED:
             yield self._finish(message)
             return
         yield message
-        first_event = await self._attach_landed(prompt, prefill, descriptor, reply)
         with tracing.span("decode", {"stageserve.decode.address": self.decode.address}, kind="client"):
-            async for message in self._decode(first_event, text, usage):
+            async for message in self._decode(prompt, text, descriptor, reply, usage):
                 yield message
 
-    async def _attach_landed(
-        self, prompt: list[int], prefill: Worker, descriptor: common_pb2.KVTransferDescriptor,
+    async def _decode(
+        self,
+        prompt: list[int],
+        text: TextStream,
+        descriptor: common_pb2.KVTransferDescriptor,
         reply: prefill_pb2.PrefillResponse,
+        usage: Usage,
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        event = await self._attach_landed(prompt, descriptor, reply)
+        decode = self.decode
+        with _watching(decode, self._decode_lost):
+            while True:
+                self._observe_tokens(len(event.tokens))
+                message = await self._message(event.tokens, event.finish_reason, text, usage)
+                if message.finish_reason != UNSPECIFIED:
+                    yield self._finish(message)
+                    return
+                if message.token_ids or message.text:
+                    yield message
+                event = await self._next_event(decode)
+
+    async def _attach_landed(
+        self, prompt: list[int], descriptor: common_pb2.KVTransferDescriptor, reply: prefill_pb2.PrefillResponse
     ) -> decode_pb2.TokenEvent:
         """Attach and read the first event. Decode answers DATA_LOSS before any token when the pages landed
         corrupt (and it has already freed them): prefill again into a new reservation and attach with the
@@ -265,7 +340,10 @@ class RequestFlow:
         for attempt in range(self.config.kv_retries + 1):
             self._open_attach(prompt, descriptor, reply)
             try:
-                return await self._next_event(self.decode)
+                # Until decode's first event the KV may still be on its way from the prefill worker (it
+                # returned the first token before sending): if that worker is found gone, the KV never comes.
+                with _watching(self.decode, self._decode_lost), _watching(self.prefill, self._prefill_lost):
+                    return await self._next_event(self.decode)
             except DataLossError as exc:
                 if attempt == self.config.kv_retries:
                     raise
@@ -273,8 +351,8 @@ class RequestFlow:
                                self.config.kv_retries)
                 self.span.add_event("kv_retry", {"stageserve.reason": str(exc)})
             self.attach = None
-            descriptor = await self._reserve(len(prompt), prefill)
-            await self._prefill(prompt, prefill, descriptor)  # its first token is dropped: the client has ours
+            descriptor = await self._reserve(len(prompt), self.prefill)
+            await self._prefill(prompt, self.prefill, descriptor)  # its first token is dropped: the client has ours
         raise AssertionError("unreachable")
 
     def _open_attach(
@@ -286,26 +364,25 @@ class RequestFlow:
                 reservation_id=descriptor.reservation_id,
                 first_token=reply.first_token,
                 prompt_token_ids=prompt,
-                sampling_params=self.request.sampling_params_pb(),
+                sampling_params=self.params_pb,
                 num_cached_tokens=reply.num_cached_tokens,
             ),
             timeout=None if self.deadline is None else self._timeout(float("inf")),
             metadata=tracing.outgoing_metadata(),
         )
 
-    async def _decode(
-        self, event: decode_pb2.TokenEvent, text: TextStream, usage: Usage
-    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        decode = self.decode
-        while True:
-            self._observe_tokens(len(event.tokens))
-            message = await self._message(event.tokens, event.finish_reason, text, usage)
-            if message.finish_reason != UNSPECIFIED:
-                yield self._finish(message)
-                return
-            if message.token_ids or message.text:
-                yield message
-            event = await self._next_event(decode)
+    def _decode_lost(self, reason: str) -> None:
+        """The router found our decode worker gone: cut the stream now (`_next_event` reports why)."""
+        self._cut(f"decode worker {self.decode.address} is gone: {reason}", self.decode.address)
+
+    def _prefill_lost(self, reason: str) -> None:
+        self._cut(f"prefill worker {self.prefill.address} is gone before its KV transfer landed: {reason}",
+                  self.prefill.address)
+
+    def _cut(self, why: str, address: str) -> None:
+        self.lost, self.lost_address = why, address
+        if self.attach is not None:
+            self.attach.cancel()
 
     async def _next_event(self, decode: Worker) -> decode_pb2.TokenEvent:
         idle = self.config.stream_idle_timeout_s
@@ -314,6 +391,11 @@ class RequestFlow:
                 event = await self.attach.read()
         except TimeoutError:
             raise DeadlineExceededError(f"decode worker {decode.address}: no tokens for {idle:g} s") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self.lost or (task is not None and task.cancelling()):  # our own cancellation: pass it on
+                raise
+            raise WorkerLostError(self.lost, self.lost_address) from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() in DOWN_CODES:
                 self.router.decodes.mark_down(decode, f"{exc.code().name}: {exc.details()}")
@@ -331,6 +413,7 @@ class RequestFlow:
     ) -> gateway_pb2.GenerateResponse:
         """The client message for one batch of new tokens; a stop string it completes finishes the request."""
         ids = [t.token_id for t in tokens]
+        self.generated += ids
         usage.completion_tokens += len(ids)
         delta = await text.add(ids, finished=finish_reason != UNSPECIFIED)
         if text.stopped and finish_reason == UNSPECIFIED:
@@ -394,3 +477,15 @@ async def _settle(request_id: str, calls: list[Awaitable[Any]]) -> None:
         if isinstance(result, Exception):
             logger.warning("cancelling request %s: %s", request_id, result)
 
+
+@contextlib.contextmanager
+def _watching(worker: Worker | None, notify: Callable[[str], None]) -> Iterator[None]:
+    """Have the router call `notify` if `worker` is found gone while the block runs."""
+    if worker is None:
+        yield
+        return
+    worker.on_lost.add(notify)
+    try:
+        yield
+    finally:
+        worker.on_lost.discard(notify)

@@ -34,6 +34,18 @@ class GenerateInput:
     cache_salt: str
     want_logprobs: bool  # the client set `sampling_params.logprobs` (0 included)
 
+    def token_bound(self) -> int:
+        """An upper bound on the tokens this request may hold before it is tokenized: its prompt
+        (a byte-level tokenizer makes at most one token per UTF-8 byte, plus a few per chat turn) and
+        its max_tokens. Admission charges it against the queue's token bound."""
+        if self.kind == "prompt_token_ids":
+            prompt = len(self.prompt_token_ids)
+        elif self.kind == "chat":
+            prompt = sum(len(m.role.encode()) + len(m.content.encode()) + 8 for m in self.chat)
+        else:
+            prompt = len(self.prompt.encode())
+        return prompt + self.params.max_tokens
+
     @classmethod
     def from_pb(
         cls, pb: gateway_pb2.GenerateRequest, *, model: str, default_max_tokens: int, vocab_size: int = 0

@@ -26,6 +26,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stageserve.common.errors import UnavailableError
+from stageserve.common.security import SecurityConfig, aio_channel
 from stageserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, tokenizer_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class Worker:
     last_error: str = ""
     host_id: str = ""  # prefill: its host, from the last Stats poll (decode offers cuda-ipc only on the same one)
     kv_transports: tuple[str, ...] = ()  # prefill: what it can send KV over, best first
+    # Requests streaming from this worker: each is told at once when the worker is found gone, so it
+    # fails (or moves elsewhere) within a poll instead of waiting out stream_idle_timeout_s.
+    on_lost: set[Callable[[str], None]] = field(default_factory=set)
 
     def headroom(self) -> int:
         return (self.free_blocks or 0) - self.pending_blocks
@@ -150,12 +154,16 @@ class WorkerPool:
         self._turn += 1
         return ties[self._turn % len(ties)]
 
-    def mark_down(self, worker: Worker, error: str) -> None:
-        """Take `worker` out of rotation until a probe succeeds."""
+    def mark_down(self, worker: Worker, error: str, lost: bool = True) -> None:
+        """Take `worker` out of rotation until a probe succeeds. `lost` (it failed, rather than said
+        NOT_SERVING, as a draining worker does) also tells the requests streaming from it."""
         if worker.available:
             logger.warning("%s worker %s out of rotation: %s", self.role, worker.address, error)
         worker.available = False
         worker.last_error = error
+        if lost:
+            for notify in list(worker.on_lost):
+                notify(error)
 
     def mark_up(self, worker: Worker) -> None:
         if not worker.available:
@@ -185,30 +193,37 @@ class WorkerPool:
                 self.mark_down(worker, f"probe: {exc.code().name}: {exc.details()}")
             return
         except NotServingError as exc:
-            self.mark_down(worker, f"probe: {exc}")
+            self.mark_down(worker, f"probe: {exc}", lost=False)  # draining or wedged: in-flight work may end
             return
         self.mark_up(worker)
 
 
 async def probe_decode(worker: Worker, timeout_s: float) -> None:
+    """Readiness (a draining or wedged worker says NOT_SERVING), then Stats for the KV headroom."""
+    await _check_ready(worker, "stageserve.v1.Decode", timeout_s)
     reply = await worker.stub.Stats(decode_pb2.DecodeStatsRequest(), timeout=timeout_s)
     worker.free_blocks = reply.pool.free_blocks
     worker.pending_blocks = 0  # the poll already counts every reservation made before it
 
 
 async def probe_prefill(worker: Worker, timeout_s: float) -> None:
+    await _check_ready(worker, "stageserve.v1.Prefill", timeout_s)
     reply = await worker.stub.Stats(prefill_pb2.PrefillStatsRequest(), timeout=timeout_s)
     worker.host_id, worker.kv_transports = reply.host_id, tuple(reply.kv_transports)
+
+
+async def _check_ready(worker: Worker, service: str, timeout_s: float) -> None:
+    stub = health_pb2_grpc.HealthStub(worker.channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise NotServingError(f"{service} is not SERVING")
 
 
 def health_probe(service: str) -> Probe:
     """A probe through the standard health service's readiness of `service` (the tokenizer has no Stats)."""
 
     async def probe(worker: Worker, timeout_s: float) -> None:
-        stub = health_pb2_grpc.HealthStub(worker.channel)
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            raise NotServingError(f"{service} is not SERVING")
+        await _check_ready(worker, service, timeout_s)
 
     return probe
 
@@ -238,12 +253,13 @@ class Router:
         decode_addresses: Iterable[str],
         poll_interval_s: float,
         probe_timeout_s: float,
+        security: SecurityConfig | None = None,
     ) -> Router:
         channels: dict[str, grpc.aio.Channel] = {}
 
         def channel(address: str) -> grpc.aio.Channel:
             if address not in channels:
-                channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channels[address] = aio_channel(address, security, CHANNEL_OPTIONS)
             return channels[address]
 
         def pool(role: str, addresses: Iterable[str], stub_class: type, key, probe: Probe) -> WorkerPool:

@@ -36,7 +36,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         arrival = time.monotonic()
         checked = self.gateway.validate(request)
-        async for message in self.gateway.generate(checked, arrival, context.time_remaining()):
+        async for message in self.gateway.generate(checked, arrival, context.time_remaining(), self._client(context)):
             yield message
 
     async def Complete(
@@ -44,8 +44,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.CompleteResponse:
         arrival = time.monotonic()
         checked = self.gateway.validate(request)
-        messages = [m async for m in self.gateway.generate(checked, arrival, context.time_remaining())]
+        remaining, client = context.time_remaining(), self._client(context)
+        messages = [m async for m in self.gateway.generate(checked, arrival, remaining, client)]
         return complete_response(messages)
+
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's identity for per-client limits: the configured metadata key, else the peer's host."""
+        key = self.gateway.config.client_id_metadata_key
+        for k, v in context.invocation_metadata() or ():
+            if k == key and v:
+                return str(v)[:128]
+        return context.peer().rpartition(":")[0]  # "ipv4:127.0.0.1:40000" -> "ipv4:127.0.0.1"
 
     async def ListModels(
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -79,6 +88,7 @@ async def start(config: GatewayServiceConfig) -> GatewayHandle:
         config.decode_addresses,
         poll_interval_s=config.stats_poll_interval_s,
         probe_timeout_s=config.probe_timeout_s,
+        security=config.server.security,
     )
     gateway = Gateway(config, router, Metrics())
     try:

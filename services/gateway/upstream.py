@@ -24,6 +24,15 @@ class UpstreamError(StageServeError):
     """A stage failed in a way the client cannot act on (INTERNAL, or a broken stream)."""
 
 
+class WorkerLostError(UnavailableError):
+    """A prefill or decode worker went away mid-request (its call failed UNAVAILABLE or CANCELLED, or the
+    gateway's probes found it gone). The request may run again on another worker (`worker_retry`)."""
+
+    def __init__(self, message: str, address: str = ""):
+        super().__init__(message)
+        self.address = address  # the lost worker's
+
+
 def upstream_error(stage: str, address: str, exc: grpc.aio.AioRpcError) -> StageServeError:
     """The error to raise to our client for `exc`, which the `stage` worker at `address` returned."""
     code, details = exc.code(), exc.details() or ""
@@ -34,6 +43,8 @@ def upstream_error(stage: str, address: str, exc: grpc.aio.AioRpcError) -> Stage
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhaustedError(f"{where} is full: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        if stage in ("prefill", "decode"):
+            return WorkerLostError(f"{where} is unavailable: {details}", address)
         return UnavailableError(f"{where} is unavailable: {details}")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceededError(f"{where} did not answer in time: {details}")

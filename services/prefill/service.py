@@ -34,7 +34,7 @@ from stageserve.common.convert import (
 )
 from stageserve.common import tracing
 from stageserve.common.metrics import Metrics
-from stageserve.common.engine_stage import WorkerConfig, kv_layout, pool_stats_pb, start_worker
+from stageserve.common.engine_stage import WorkerConfig, keep_ready, kv_layout, pool_stats_pb, start_worker
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.common.server import ServerHandle, create_server, serve_until_stopped
 from stageserve.engine.worker import EngineWorker
@@ -304,7 +304,7 @@ def make_senders(config: PrefillServiceConfig, device, channels) -> dict[str, KV
 
 async def start(config: PrefillServiceConfig, worker: EngineWorker | None = None) -> tuple[ServerHandle, EngineWorker]:
     worker = worker or await start_worker(config)
-    channels = channel_cache()
+    channels = channel_cache(config.server.security)
     senders = make_senders(config, worker.engine.device, channels)
     metrics = Metrics()
     metrics.watch_engine(worker.engine.stats)
@@ -312,7 +312,7 @@ async def start(config: PrefillServiceConfig, worker: EngineWorker | None = None
     servicer = PrefillServicer(worker, senders, config.kv_timeout_s, config.first_token_before_kv, metrics,
                                config.kv_device_checksum, config.kv_layer_push, channels)
     handle = await create_server(config.server, [servicer], metrics=metrics)
-    await handle.set_ready(True)
+    await keep_ready(handle, worker, config)
     logger.info("prefill serving on %s (kv transports %s)", handle.address, ", ".join(senders))
     return handle, worker
 

@@ -19,6 +19,10 @@ MAX_LOGPROBS = 20
 MAX_SEED = 2**63
 """Seeds live in [0, 2**63): they must fit a signed int64 on every wire format we speak."""
 
+MAX_STOP_STRINGS, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS = 16, 256, 64
+"""Bounds on a request's stop strings (count, characters each) and stop token ids: matching them runs on
+every step, so a hostile request must not make that cost unbounded."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -92,7 +96,10 @@ class SamplingParams:
             f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
         )
         _require(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "token ids must be >= 0")
+        _require(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}")
         _require(all(self.stop), "stop", "stop strings must be non-empty")
+        _require(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        _require(all(len(s) <= MAX_STOP_LENGTH for s in self.stop), "stop", f"each at most {MAX_STOP_LENGTH} characters")
 
 
 def _require(ok: bool, field: str, message: str) -> None:

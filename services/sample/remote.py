@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
 import torch
 
 from stageserve.common import tracing
+from stageserve.common.security import SecurityConfig, sync_channel
 from stageserve.common.convert import logits_to_bytes, sampled_token_from_pb, sampling_params_to_pb
 from stageserve.sample.sampler import SampledToken, SamplingRow
 from stageserve.v1 import sample_pb2, sample_pb2_grpc
@@ -29,9 +29,11 @@ class RemoteSamplerOutput:
 
 
 class RemoteSampler:
-    def __init__(self, address: str, timeout_s: float = 10.0, max_message_bytes: int = 256 << 20):
+    def __init__(
+        self, address: str, timeout_s: float = 10.0, max_message_bytes: int = 256 << 20, security: SecurityConfig | None = None
+    ):
         options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(address, options=options)
+        self.channel = sync_channel(address, security, options)
         self.stub = sample_pb2_grpc.SampleStub(self.channel)
         self.timeout_s = timeout_s
 

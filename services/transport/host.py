@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
+from stageserve.common.security import SecurityConfig, aio_channel
 from stageserve.common import tracing
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.transport.base import (
@@ -135,14 +136,14 @@ def validate_chunk(chunk: common_pb2.KVChunk, reservation: Reservation, layout: 
     return tensor_from_bytes(chunk.data, dtype, shape)
 
 
-def channel_cache() -> callable:
-    """An address -> channel function that reuses one insecure loopback/cluster channel per address."""
+def channel_cache(security: SecurityConfig | None = None) -> callable:
+    """An address -> channel function that reuses one channel per address (TLS and token per `security`)."""
     channels: dict[str, grpc.aio.Channel] = {}
 
     def get(address: str) -> grpc.aio.Channel:
         if address not in channels:
-            channels[address] = grpc.aio.insecure_channel(
-                address, options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+            channels[address] = aio_channel(
+                address, security, [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
             )
         return channels[address]
 

@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from stageserve.common.errors import DataLossError, InvalidArgumentError, NotFoundError
+from stageserve.common.errors import DataLossError, InvalidArgumentError, NotFoundError, UnavailableError
 from stageserve.transport.base import KVLayout
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class Reservation:
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set on LANDED and on every terminal state
     error: str | None = None  # why the transfer ended without landing
     data_loss: bool = False  # the pages arrived corrupt (checksum): the gateway may prefill again
+    sender_lost: bool = False  # the sender went away or gave up mid-transfer: another prefill may succeed
     writer_deadline: float | None = None  # a one-sided writer holds a claim until then
     free_pending: bool = False  # ended while claimed: free when the writer is done
 
@@ -110,6 +111,8 @@ class Reservation:
         reason = f"KV transfer failed: {self.error or self.state.value}"
         if self.data_loss:
             return DataLossError(f"reservation_id: {reason}")
+        if self.sender_lost:  # UNAVAILABLE: the gateway retries elsewhere instead of failing the request
+            return UnavailableError(f"reservation_id: {reason}")
         return InvalidArgumentError("reservation_id", reason)
 
     def _move(self, state: TransferState) -> None:
@@ -169,12 +172,12 @@ class ReservationTable:
             reservation.settled.set()
 
     async def end(self, reservation: Reservation, state: TransferState, reason: str | None = None,
-                  data_loss: bool = False) -> bool:
+                  data_loss: bool = False, sender_lost: bool = False) -> bool:
         """Move an open reservation to terminal `state`; frees its blocks unless ATTACHED. False if it had ended."""
         if reservation.state.terminal or self._by_id.get(reservation.reservation_id) is not reservation:
             return False
         reservation._move(state)
-        reservation.error, reservation.data_loss = reason, data_loss
+        reservation.error, reservation.data_loss, reservation.sender_lost = reason, data_loss, sender_lost
         if state is not TransferState.ATTACHED:
             reservation.received.clear()  # whatever landed is never decoded unless the whole transfer did
         self._by_id.pop(reservation.reservation_id, None)

@@ -77,13 +77,14 @@ class KVLanding:
         except BaseException as exc:  # the sender went away mid-stream (cancelled, died, or its stream broke)
             if reservation is not None and reservation.state in (TransferState.RESERVED, TransferState.RECEIVING):
                 reason = f"sender's stream broke mid-transfer ({type(exc).__name__})"
-                await asyncio.shield(table.end(reservation, TransferState.ABORTED, reason))
+                await asyncio.shield(table.end(reservation, TransferState.ABORTED, reason, sender_lost=True))
             raise
         if reservation is not None and reservation.writer_deadline is not None:
             # Only a stream the writer finished proves its copies are done; after an error the blocks
             # wait out the claim's lease (the reaper frees them).
             await table.writer_done(reservation)
         if reservation is not None and reservation.state in (TransferState.RESERVED, TransferState.RECEIVING):
-            await table.end(reservation, TransferState.ABORTED, "stream ended before every layer of every block arrived")
+            await table.end(reservation, TransferState.ABORTED, "stream ended before every layer of every block arrived",
+                            sender_lost=True)
             raise InvalidArgumentError("kv_chunk.final", reservation.error)
         return (reservation.reservation_id if reservation else ""), num_chunks, num_bytes
