@@ -91,51 +91,61 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> list[SampledToken | None]:
-        """Run one step; returns, per scheduled request, its sampled token or None (mid-prefill)."""
+    def execute(self, sched: SchedulerOutput) -> list[list[SampledToken]]:
+        """Run one step; returns, per scheduled request, its sampled tokens (none mid-prefill).
+
+        A request with k draft tokens gets k + 1: row j is sampled as if the first j drafts had been
+        accepted (its history includes them), so row j is exactly what a plain step would sample there.
+        """
         host, sample_rows = self._prepare_host(sched)
-        results: list[SampledToken | None] = [None] * len(sched.scheduled)
+        results: list[list[SampledToken]] = [[] for _ in sched.scheduled]
         decode_only = host.query_start_loc[-1] == len(sched.scheduled)
         if decode_only and self.graphs is not None and self.graphs.can_run(len(sched.scheduled), host.block_tables.shape[1]):
             logits = self.graphs.run(host.input_ids, host.positions, host.slots, host.block_tables, host.seq_lens)
             if not sample_rows:
                 return results
             if len(sample_rows) < len(sched.scheduled):  # a one-token prefill chunk samples nothing
-                logits = logits[torch.tensor([i for i, _ in sample_rows], device=self.device)]
+                logits = logits[torch.tensor([i for i, _, _ in sample_rows], device=self.device)]
         else:
             meta = host.to_device(self.device)
             hidden = self.model(meta.input_ids, meta.positions, self.kv_caches, meta.attention)  # [num_tokens, hidden]
             if not sample_rows:
                 return results
-            indices = torch.tensor([row for _, row in sample_rows], device=self.device)
+            indices = torch.tensor([row + j for _, row, n in sample_rows for j in range(n)], device=self.device)
             logits = self.model.compute_logits(hidden[indices])  # [num_sampled, vocab]
-        rows = [
-            SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids)
-            for r in (sched.scheduled[i].request for i, _ in sample_rows)
-        ]
-        for (i, _), token in zip(sample_rows, self.sampler(logits, rows).to_lists()):
-            results[i] = token
+        rows, owners = [], []
+        for i, _, n in sample_rows:
+            r = sched.scheduled[i].request
+            for j in range(n):
+                history = r.output_token_ids + r.spec_token_ids[:j] if j else r.output_token_ids
+                rows.append(SamplingRow(r.sampling_params, r.prompt_token_ids, history))
+                owners.append(i)
+        for i, token in zip(owners, self.sampler(logits, rows).to_lists()):
+            results[i].append(token)
         return results
 
-    def _prepare_host(self, sched: SchedulerOutput) -> tuple[HostBatch, list[tuple[int, int]]]:
-        """The step's inputs as host tensors, and (index in schedule, row in the flat batch) of rows to sample."""
+    def _prepare_host(self, sched: SchedulerOutput) -> tuple[HostBatch, list[tuple[int, int, int]]]:
+        """The step's inputs as host tensors, and the rows to sample: (index in schedule, first row in
+        the flat batch, how many rows: 1 + number of draft tokens)."""
         bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
-        sample_rows: list[tuple[int, int]] = []
+        sample_rows: list[tuple[int, int, int]] = []
         for i, s in enumerate(sched.scheduled):
             r, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
-            input_ids += r.token_slice(start, end)
+            spec = r.spec_token_ids  # the scheduler cut it to fit: real tokens end at end - len(spec)
+            input_ids += r.token_slice(start, end - len(spec))
+            input_ids += spec
             positions += range(start, end)
             slots += (s.block_ids[p // bs] * bs + p % bs for p in range(start, end))
             query_start_loc.append(len(input_ids))
             seq_lens.append(end)
-            if end == r.num_tokens:
-                sample_rows.append((i, len(input_ids) - 1))
+            if end - len(spec) == r.num_tokens:
+                sample_rows.append((i, len(input_ids) - 1 - len(spec), 1 + len(spec)))
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
         table = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.scheduled]
         host = HostBatch(
