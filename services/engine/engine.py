@@ -19,8 +19,9 @@ from stageserve.engine.loader.weights import LoadedModel, load_model
 from stageserve.engine.request import Request, RequestStatus
 from stageserve.engine.runner import ModelRunner, resolve_device, resolve_dtype
 from stageserve.engine.scheduler import Scheduler
-from stageserve.engine.speculative import DraftClient, Speculator, num_accepted
+from stageserve.engine.speculative import DraftClient, Speculator
 from stageserve.sample.params import SamplingParams
+from stageserve.sample.rejection import verify_by_match
 from stageserve.sample.sampler import SampledToken
 
 
@@ -271,7 +272,7 @@ class LLMEngine:
         spec, request.spec_token_ids = request.spec_token_ids, []
         final = request.num_computed_tokens + num_new
         if spec and tokens:
-            m = num_accepted(spec, [t.token_id for t in tokens])
+            m = verify_by_match(spec, [t.token_id for t in tokens]).num_accepted
             self.speculator.observe(request, len(spec), m)
             tokens, final = tokens[: m + 1], final - (len(spec) - m)
         if not tokens:  # mid-prefill

@@ -249,10 +249,3 @@ def _is_decoding(r: Request) -> bool:
     """Caught up with its tokens except the last sampled one: the only state a draft can extend."""
     return not r.prefill_only and not r.is_finished and r.num_computed_tokens == r.num_tokens - 1
 
-
-def num_accepted(draft: list[int], target: list[int]) -> int:
-    """Length of the longest prefix of `draft` that equals the target's own tokens at those positions."""
-    m = 0
-    while m < len(draft) and draft[m] == target[m]:
-        m += 1
-    return m
