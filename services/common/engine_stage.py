@@ -47,10 +47,14 @@ def pool_stats_pb(engine: LLMEngine) -> common_pb2.KVPoolStats:
     )
 
 
-async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None) -> EngineWorker:
-    """Load the model (off the event loop), warm it up, and start its engine thread."""
+async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None, local_draft: bool = True) -> EngineWorker:
+    """Load the model (off the event loop), warm it up, and start its engine thread.
+
+    `local_draft`: build the in-process draft that the engine's `speculative` knob asks for (a stage
+    that talks to the Draft service says no, and sets its own).
+    """
     if engine is None:
-        engine = await asyncio.to_thread(create_engine, config.model, config.engine)
+        engine = await asyncio.to_thread(create_engine, config.model, config.engine, local_draft)
     await asyncio.to_thread(engine.warmup)
     worker = EngineWorker(engine, step_timeout_s=config.step_timeout_s)
     worker.start()
