@@ -8,8 +8,10 @@ Life of a replica:
     UP      calls go to it; each sequence is pinned to one replica (its state lives there)
     a call times out or finds it unavailable -> DOWN for `backoff` seconds (doubling, capped): its
             sequences decode without speculation, and no step waits on it again
-    backoff over -> one health check is sent without waiting for it; steps keep going
-    the check answers SERVING -> UP (the backoff resets once a proposal succeeds); else DOWN again, longer
+    backoff over -> one probe proposal is sent without waiting for it; steps keep going
+    the probe is answered in time -> UP (the backoff resets once a real proposal succeeds); else DOWN
+            again, longer. (A probe proposal, not a health check: a draft whose server answers health
+            checks but whose proposer hangs must not cost another timeout.)
 
 So a killed or stalled draft costs at most one `timeout_s`, once, and the output never changes (the
 draft only ever proposes; the target verifies). A sequence whose call failed is re-sent its whole
@@ -25,13 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stageserve.engine.speculative import DraftCall
 from stageserve.v1 import draft_pb2, draft_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
+_PROBE_SEQ = "__stageserve_probe__"
 _REPLICA_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
@@ -40,7 +42,6 @@ class _Replica:
     address: str
     channel: grpc.Channel
     stub: draft_pb2_grpc.DraftStub
-    health: health_pb2_grpc.HealthStub
     down_until: float = 0.0  # monotonic; 0 when up
     backoff_s: float = 0.0
     probe: grpc.Future | None = None
@@ -72,7 +73,7 @@ class RemoteDraft:
         for address in addresses:
             channel = grpc.insecure_channel(address)
             self.replicas.append(
-                _Replica(address, channel, draft_pb2_grpc.DraftStub(channel), health_pb2_grpc.HealthStub(channel))
+                _Replica(address, channel, draft_pb2_grpc.DraftStub(channel))
             )
         self.pins: dict[str, _Replica] = {}
         self.stats = RemoteDraftStats()
@@ -141,25 +142,27 @@ class RemoteDraft:
         )
 
     def _refresh(self) -> None:
-        """Advance down replicas: start a health check when their backoff ends, and act on finished ones."""
+        """Advance down replicas: send a probe when their backoff ends, and act on answered ones."""
         now = time.monotonic()
         for replica in self.replicas:
             if not replica.is_down:
                 continue
             if replica.probe is None:
                 if now >= replica.down_until:
-                    request = health_pb2.HealthCheckRequest(service="stageserve.v1.Draft")
-                    replica.probe = replica.health.Check.future(request, timeout=self.timeout_s)
+                    probe = draft_pb2.ProposeRequest(seq_id=_PROBE_SEQ, new_token_ids=[0, 0], k=1, reset=True)
+                    replica.probe = replica.stub.Propose.future(probe, timeout=self.timeout_s)
                 continue
             if not replica.probe.done():
                 continue
             probe, replica.probe = replica.probe, None
             try:
-                serving = probe.result().status == health_pb2.HealthCheckResponse.SERVING
+                probe.result()
+                answered = True
             except grpc.RpcError:
-                serving = False
-            if serving:  # the backoff stays until a proposal succeeds, in case only health answers
+                answered = False
+            if answered:
                 replica.down_until = 0.0
+                replica.stub.Release.future(draft_pb2.ReleaseRequest(seq_id=_PROBE_SEQ), timeout=self.timeout_s)
                 logger.info("draft %s is back", replica.address)
             else:
                 replica.backoff_s = min(replica.backoff_s * 2, self.max_backoff_s)

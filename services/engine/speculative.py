@@ -141,7 +141,7 @@ class SpecCounters:
 
     steps: int = 0  # steps in which at least one sequence verified draft tokens
     draft_calls: int = 0
-    draft_failures: int = 0  # sequences whose draft call failed
+    draft_unavailable: int = 0  # sequence-steps with no proposal: the draft failed or is down
     proposed: int = 0
     accepted: int = 0
     verifications: int = 0  # sequence-steps that verified draft tokens (each also yields one bonus token)
@@ -194,7 +194,7 @@ class Speculator:
         for (r, state), call, proposal in zip(targets, calls, proposals, strict=True):
             if proposal is None:  # resend everything once the draft is back (it may have lost the sequence)
                 state.num_sent, state.reset, state.num_accepted = 0, True, None
-                self.counters.draft_failures += 1
+                self.counters.draft_unavailable += 1
                 continue
             state.num_sent, state.reset, state.num_accepted = r.num_tokens, False, 0
             state.calls = self.DECAY * state.calls + 1
