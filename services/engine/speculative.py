@@ -18,8 +18,9 @@ tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens per step (Leviathan et al. 2
 how often the draft proposes anything at all. The cost of that step, relative to a plain one, is
 T(B + k) / T(B) + D / T(B), where T(n) is the measured time of a step of n query tokens and D the
 measured draft round trip. The k in [0, K] with the best E(k) / cost wins; k = 0 means no speculation
-(no draft call at all when every sequence picks 0). A sequence that stopped speculating probes again
-every `probe_interval` steps so its estimate can recover. Above `max_batch_size` running sequences,
+(no draft call at all when every sequence picks 0). A sequence that stopped speculating probes with
+k = 1 after `probe_interval` steps so its estimate can recover, and waits twice as long after each
+probe that finds nothing (up to 16x), so a hopeless draft costs next to nothing. Above `max_batch_size` running sequences,
 decode is no longer memory-bound and nobody speculates.
 """
 
@@ -125,6 +126,7 @@ class _SeqState:
     hits: float = 1.0  # decayed calls that proposed something
     calls: float = 1.0
     steps_off: int = 0
+    probe_after: int = 0  # steps off before the next probe; doubles while probes find nothing worth it
 
     @property
     def acceptance(self) -> float:
@@ -215,11 +217,13 @@ class Speculator:
                 best_k, best = k, speedup
         if best_k == 0:
             state.steps_off += 1
-            if state.steps_off >= self.config.probe_interval:  # look again: the text may have changed
+            state.probe_after = state.probe_after or self.config.probe_interval
+            if state.steps_off >= state.probe_after:  # look again: the text may have changed
                 state.steps_off = 0
+                state.probe_after = min(2 * state.probe_after, 16 * self.config.probe_interval)
                 return 1
         else:
-            state.steps_off = 0
+            state.steps_off, state.probe_after = 0, 0
         return best_k
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
