@@ -172,6 +172,8 @@ class Speculator:
 
     def plan(self, running: list[Request], max_model_len: int) -> None:
         """Set `spec_token_ids` on the running requests that speculate this step (blocking draft call)."""
+        for r in running:  # drafts of a request the budget left out last step are stale now
+            r.spec_token_ids = []
         eligible = [r for r in running if _is_decoding(r)]
         if not eligible or len(running) > self.config.max_batch_size:
             return
