@@ -152,6 +152,7 @@ def batch1(engine, tokenizer, drafts, base: EngineConfig, args) -> list[dict]:
             tps = statistics.median(values)
             rows.append({"task": task, "method": name, "decode_tok_s": round(tps, 1), "speedup": round(tps / plain, 2),
                          **stats.get(name, {})})  # fmt: skip
+            print("batch1", json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -232,6 +233,7 @@ def batch_sweep(engine, tokenizer, address, base, args) -> list[dict]:
                      "speedup": round(result["ngram"][1] / result["none"][1], 2),
                      "speculating": size <= base.spec_max_batch_size and steps > 0,
                      "acceptance_rate": round(c.acceptance_rate, 3), "verifications": c.verifications})  # fmt: skip
+        print("sweep", json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -252,7 +254,7 @@ def main() -> None:
     args.max_tokens = args.max_tokens or (8 if args.smoke else 128 if gpu else 64)
     args.rounds = args.rounds or (1 if args.smoke else 3 if gpu else 2)
     args.batch_sizes = args.batch_sizes or ([1, 4] if args.smoke else [1, 4, 16, 64])
-    args.sweep_tokens = 6 if args.smoke else 64 if gpu else 24
+    args.sweep_tokens = 6 if args.smoke else 64 if gpu else 16
     args.cost_steps = 3 if args.smoke else 30 if gpu else 10
     torch.set_num_threads(args.threads)
 
