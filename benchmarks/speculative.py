@@ -248,6 +248,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-model", action="store_true", help="no self-draft (saves its start-up)")
+    ap.add_argument("--parts", default="batch1,cost,sweep", help="which of batch1, cost, sweep to run")
     ap.add_argument("--out", default=None, help="directory for speculative.json")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
@@ -267,10 +268,11 @@ def main() -> None:
         drafts = {"ngram": stack.enter_context(draft_server("ngram", args.device, 0, 1))}
         if not args.skip_model:
             drafts["model"] = stack.enter_context(draft_server("model", args.device, args.draft_layers, 1))
+        parts = args.parts.split(",")
         results = {
-            "batch1": batch1(engine, tokenizer, drafts, base, args),
-            "cost_model": cost_model(engine, tokenizer, drafts["ngram"], base, args),
-            "batch_sweep": batch_sweep(engine, tokenizer, drafts["ngram"], base, args),
+            "batch1": batch1(engine, tokenizer, drafts, base, args) if "batch1" in parts else [],
+            "cost_model": cost_model(engine, tokenizer, drafts["ngram"], base, args) if "cost" in parts else {},
+            "batch_sweep": batch_sweep(engine, tokenizer, drafts["ngram"], base, args) if "sweep" in parts else [],
         }
     meta = {"device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
