@@ -68,7 +68,8 @@ async def generate_with_draft(make_engine, prompts, proposer, method: str, *, ti
     try:
         async with Split() as split:
             await split.start(
-                make_engine(num_blocks=128), make_engine(num_blocks=128, speculative=method),
+                # fixed k: every step verifies drafts, so identity is tested on every token
+                make_engine(num_blocks=128), make_engine(num_blocks=128, speculative=method, spec_adaptive=False),
                 draft_address=draft.address, draft_timeout_s=timeout_s,
             )
             engine = split.decode_worker.engine
