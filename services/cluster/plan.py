@@ -54,6 +54,16 @@ class ClusterConfig:
     metrics: bool = field(
         default=False, metadata={"help": "serve Prometheus /metrics from every service, each on a free port"}
     )
+    speculative: Literal["none", "ngram", "model"] = field(
+        default="none", metadata={"help": "speculative decoding: decode verifies proposals of the draft service "
+                                  "(ngram: prompt lookup; model: a self-draft of the model's first --draft-layers layers)"}
+    )  # fmt: skip
+    num_speculative_tokens: int = field(
+        default=4, metadata={"help": "most draft tokens per sequence per step (adapts below it)", "min": 1, "max": 16}
+    )
+    draft_layers: int = field(
+        default=8, metadata={"help": "--speculative model: layers of the self-draft", "min": 1}
+    )
 
 
 ConfigFields = Callable[[str], frozenset[str]]
@@ -92,7 +102,12 @@ def plan_services(
     specs = [spec("tokenizer", 0, args=_model_args("tokenizer", config.model))]
     if config.sampler == "remote":
         specs.append(spec("sample", 0, args=_model_args("sample", config.model)))
-    specs.append(spec("draft", 0))
+    draft_args: tuple[str, ...] = ()
+    if config.speculative != "none":
+        draft_args = ("--proposer", config.speculative, "--draft-layers", str(config.draft_layers))
+        if config.speculative == "model":
+            draft_args += _model_args("draft", config.model)
+    specs.append(spec("draft", 0, args=draft_args))
 
     engine_args = {role: _model_args(role, config.model) for role in ("prefill", "decode")}
     for role in ("prefill", "decode"):
@@ -106,6 +121,11 @@ def plan_services(
     if "draft_address" in config_fields("decode"):
         decode_addresses.append(("--draft-address", ("draft-0",)))
 
+    if config.speculative != "none":
+        engine_args["decode"] += (
+            "--engine-speculative", config.speculative,
+            "--engine-num-speculative-tokens", str(config.num_speculative_tokens),
+        )  # fmt: skip
     prefills = [spec("prefill", i, args=engine_args["prefill"]) for i in range(config.prefill_replicas)]
     decodes = [
         spec("decode", i, args=engine_args["decode"], address_flags=tuple(decode_addresses))

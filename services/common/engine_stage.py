@@ -66,10 +66,14 @@ async def keep_ready(handle: ServerHandle, worker: EngineWorker, config: WorkerC
     await handle.keep_ready(lambda: worker.healthy, config.watchdog_interval_s)
 
 
-async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None) -> EngineWorker:
-    """Load the model (off the event loop), warm it up, and start its engine thread."""
+async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None, local_draft: bool = True) -> EngineWorker:
+    """Load the model (off the event loop), warm it up, and start its engine thread.
+
+    `local_draft`: build the in-process draft that the engine's `speculative` knob asks for (a stage
+    that talks to the Draft service says no, and sets its own).
+    """
     if engine is None:
-        engine = await asyncio.to_thread(create_engine, config.model, config.engine)
+        engine = await asyncio.to_thread(create_engine, config.model, config.engine, local_draft)
     await asyncio.to_thread(engine.warmup)
     worker = EngineWorker(engine, step_timeout_s=config.step_timeout_s, trace_steps=config.trace_steps)
     worker.start()

@@ -72,6 +72,11 @@ class Metrics:
         if self.registry is not None:
             self.registry.register(_EngineCollector(stats))
 
+    def watch_speculation(self, counters: Callable[[], Any]) -> None:
+        """Report speculative decoding totals from `counters()` (SpecCounters, or None when off) at each scrape."""
+        if self.registry is not None:
+            self.registry.register(_SpecCollector(counters))
+
     def watch_gpu(self) -> None:
         """Report GPU utilisation, memory and power via nvidia-ml-py, if it imports and finds a GPU."""
         if self.registry is None:
@@ -112,6 +117,31 @@ class _EngineCollector:
             self.last,
         ):
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+
+class _SpecCollector:
+    def __init__(self, counters: Callable[[], Any]):
+        self.counters = counters
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        c = self.counters()
+        if c is None:
+            return
+        for name, doc, value in (
+            ("spec_decode_num_draft_tokens", "draft tokens proposed and verified", c.proposed),
+            ("spec_decode_num_accepted_tokens", "draft tokens accepted", c.accepted),
+            ("spec_decode_num_bonus_tokens", "tokens the target added after the accepted drafts", c.verifications),
+            ("spec_decode_num_draft_unavailable", "sequence-steps without a proposal (draft failed or down)",
+             c.draft_unavailable),
+        ):  # fmt: skip
+            yield CounterMetricFamily(PREFIX + name, doc, value=value)
+        yield GaugeMetricFamily(PREFIX + "spec_decode_acceptance_rate", "accepted / proposed", value=c.acceptance_rate)
+        yield GaugeMetricFamily(
+            PREFIX + "spec_decode_mean_accepted_length", "tokens per verifying step (accepted + bonus)",
+            value=c.mean_accepted_length,
+        )
 
 
 class _GpuCollector:

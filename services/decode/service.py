@@ -57,6 +57,18 @@ class DecodeServiceConfig(WorkerConfig):
     kv_transport: TransportChoice = field(
         default="auto", metadata={"help": "KV transports served: auto (cuda-ipc, nccl, host on a GPU; host on CPU) or one"}
     )
+    draft_address: str | None = field(
+        default=None,
+        metadata={"help": "HOST:PORT[,HOST:PORT...] of Draft service replicas, used when --engine-speculative is "
+                  "not none (without it, the draft runs in-process)"},
+    )  # fmt: skip
+    draft_timeout_s: float = field(
+        default=0.5, metadata={"help": "a draft call slower than this is dropped: that step decodes without "
+                               "speculation, and the replica is skipped until it is healthy again", "min": 0.001}
+    )  # fmt: skip
+    draft_retry_s: float = field(
+        default=2.0, metadata={"help": "first wait before a failed draft replica is checked again (doubles)", "min": 0.01}
+    )
 
 
 def tokens_pb(outputs: list[RequestOutput]) -> list:
@@ -217,13 +229,19 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 async def start(config: DecodeServiceConfig, worker: EngineWorker | None = None) -> tuple[ServerHandle, EngineWorker]:
-    worker = worker or await start_worker(config)
+    worker = worker or await start_worker(config, local_draft=not config.draft_address)
+    if config.draft_address and worker.engine.config.speculative != "none":
+        from stageserve.draft.client import RemoteDraft
+
+        draft = RemoteDraft(config.draft_address.split(","), config.draft_timeout_s, config.draft_retry_s)
+        await worker.call(lambda engine: engine.set_draft(draft))
     if config.sample_address:
         from stageserve.sample.remote import RemoteSampler
 
         worker.engine.runner.sampler = RemoteSampler(config.sample_address, security=config.server.security)
     metrics = Metrics()
     metrics.watch_engine(worker.engine.stats)
+    metrics.watch_speculation(lambda: worker.engine.speculator.counters if worker.engine.speculator else None)
     metrics.watch_gpu()
     transports = served_transports(config.kv_transport, worker.engine.device, config.engine.tensor_parallel_size)
     servicer = DecodeServicer(worker, config.reservation_ttl_s, config.kv_wait_timeout_s, metrics, transports,

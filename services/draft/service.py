@@ -1,4 +1,4 @@
-"""The Draft gRPC service: a thin layer over `NgramProposer`.
+"""The Draft gRPC service: a thin layer over a proposer (`ngram` prompt lookup or a `model` draft).
 
 It keeps per-sequence state, so a decode worker must send every call of one sequence to the same
 replica (route by sequence id). Callers send only the tokens appended since their last call; a replica
@@ -10,14 +10,19 @@ Run one with `stageserve serve draft --server-port 50053`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc.aio
 
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.common.server import ServerConfig, ServerHandle, create_server, serve_until_stopped
+from stageserve.draft.local import Proposer, apply_call
 from stageserve.draft.ngram import NgramProposer
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.speculative import DraftCall
 from stageserve.v1 import draft_pb2, draft_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -25,8 +30,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DraftServiceConfig:
-    """Configuration of one n-gram drafter replica."""
+    """Configuration of one drafter replica."""
 
+    proposer: Literal["ngram", "model"] = field(
+        default="ngram", metadata={"help": "ngram: prompt lookup; model: greedy drafts from a (small) model"}
+    )
+    model: str | None = field(
+        default=None, metadata={"help": "proposer=model: the draft model (default: the built-in model, as a self-draft)"}
+    )
+    draft_layers: int = field(
+        default=8, metadata={"help": "proposer=model: keep the model's first N layers plus its norm and head; 0: all",
+                             "min": 0}
+    )  # fmt: skip
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(num_blocks=1024))
     max_n: int = field(default=3, metadata={"help": "longest n-gram matched against the history", "min": 1, "max": 16})
     min_n: int = field(default=1, metadata={"help": "shortest n-gram tried before giving up", "min": 1, "max": 16})
     max_sequences: int = field(
@@ -41,8 +57,18 @@ class DraftServiceConfig:
         if self.min_n > self.max_n:
             raise InvalidArgumentError("min_n", f"must be <= max_n = {self.max_n}, got {self.min_n}")
 
-    def make_proposer(self) -> NgramProposer:
-        return NgramProposer(self.max_n, self.min_n, self.max_sequences, self.max_history)
+    def make_proposer(self) -> Proposer:
+        """Loads the draft model for proposer=model (seconds; call it off the event loop)."""
+        if self.proposer == "ngram":
+            return NgramProposer(self.max_n, self.min_n, self.max_sequences, self.max_history)
+        from stageserve.draft.model_proposer import ModelProposer, truncate_layers
+        from stageserve.engine.loader.weights import load_model
+        from stageserve.engine.runner import resolve_device, resolve_dtype
+
+        device = resolve_device(self.engine.device)
+        dtype = resolve_dtype(self.engine.dtype, device)
+        loaded = truncate_layers(load_model(self.model, device=device, dtype=dtype), self.draft_layers)
+        return ModelProposer(loaded, self.engine, device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -52,24 +78,36 @@ class ProposeCall:
     seq_id: str
     new_token_ids: tuple[int, ...]
     k: int
+    reset: bool = False
+    num_accepted: int | None = None
 
     @classmethod
     def from_pb(cls, pb: draft_pb2.ProposeRequest) -> ProposeCall:
-        return cls(pb.seq_id, tuple(pb.new_token_ids), pb.k)
+        accepted = pb.num_accepted if pb.HasField("num_accepted") else None
+        return cls(pb.seq_id, tuple(pb.new_token_ids), pb.k, pb.reset, accepted)
+
+    def to_call(self) -> DraftCall:
+        return DraftCall(self.seq_id, list(self.new_token_ids), self.k, self.reset, self.num_accepted)
 
 
 class DraftServicer(draft_pb2_grpc.DraftServicer):
-    """Propose, Accept and Release over one proposer. Handlers are synchronous dict work, so they run
-    on the event loop, which also serializes access to the proposer."""
+    """Propose, Accept and Release over one proposer. N-gram handlers are dict work and run on the
+    event loop, which serializes them; a model proposer runs on one worker thread (a lock keeps it
+    serial) so that health checks stay responsive while it computes."""
 
-    def __init__(self, proposer: NgramProposer):
+    def __init__(self, proposer: Proposer, offload: bool = False):
         self.proposer = proposer
+        self.offload = offload
+        self.lock = asyncio.Lock()
 
     async def Propose(
         self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
     ) -> draft_pb2.ProposeResponse:
-        call = ProposeCall.from_pb(request)
-        proposal = self.proposer.propose(call.seq_id, call.new_token_ids, call.k)
+        call = ProposeCall.from_pb(request).to_call()
+        if not self.offload:
+            return draft_pb2.ProposeResponse(token_ids=apply_call(self.proposer, call))
+        async with self.lock:
+            proposal = await asyncio.to_thread(apply_call, self.proposer, call)
         return draft_pb2.ProposeResponse(token_ids=proposal)
 
     async def Accept(
@@ -81,16 +119,17 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
     async def Release(
         self, request: draft_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> draft_pb2.ReleaseResponse:
-        return draft_pb2.ReleaseResponse(found=self.proposer.release(request.seq_id))
+        async with self.lock:
+            return draft_pb2.ReleaseResponse(found=self.proposer.release(request.seq_id))
 
 
-async def start(config: DraftServiceConfig, proposer: NgramProposer | None = None) -> ServerHandle:
+async def start(config: DraftServiceConfig, proposer: Proposer | None = None) -> ServerHandle:
     """Serve a proposer (the config's, unless given) and report ready. The caller stops the handle."""
     if proposer is None:
-        proposer = config.make_proposer()
-    handle = await create_server(config.server, [DraftServicer(proposer)])
+        proposer = await asyncio.to_thread(config.make_proposer)
+    handle = await create_server(config.server, [DraftServicer(proposer, offload=not isinstance(proposer, NgramProposer))])
     await handle.set_ready(True)
-    logger.info("n-gram drafter serving on %s", handle.address)
+    logger.info("%s drafter serving on %s", config.proposer, handle.address)
     return handle
 
 

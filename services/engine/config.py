@@ -126,6 +126,30 @@ class EngineConfig:
     kv_cache_dtype: Literal["auto", "fp8_e4m3"] = field(
         default="auto", metadata={"help": "KV cache storage: auto (the model dtype) or fp8_e4m3 with per-layer scales"}
     )
+    speculative: str = field(
+        default="none",
+        metadata={"help": "speculative decoding: none, ngram (prompt lookup) or model (a draft model; decode asks "
+                  "the Draft service, generate --local runs it in-process)"},
+    )  # fmt: skip
+    num_speculative_tokens: int = field(
+        default=4, metadata={"help": "most draft tokens verified per sequence per step (k)", "min": 1, "max": 16}
+    )
+    spec_adaptive: bool = field(
+        default=True, metadata={"help": "choose k per sequence from its acceptance and measured step costs"}
+    )
+    spec_max_batch_size: int = field(
+        default=16, metadata={"help": "no speculation when more sequences than this are running", "min": 1}
+    )
+    spec_probe_interval: int = field(
+        default=16, metadata={"help": "steps before a sequence that stopped speculating tries again", "min": 1}
+    )
+    spec_prior_token_cost: float = field(
+        default=0.1, metadata={"help": "assumed cost of one extra query token vs a 1-token step, until measured",
+                               "min": 0.0}
+    )  # fmt: skip
+    spec_draft_layers: int = field(
+        default=8, metadata={"help": "in-process self-draft (speculative=model): the target's first N layers", "min": 1}
+    )
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -151,3 +175,14 @@ class EngineConfig:
             # Not yet: the ranks' shards and KV gathers assume unquantized weights and pages.
             field = "quantization" if self.quantization != "none" else "kv_cache_dtype"
             raise InvalidArgumentError(field, "is not supported with tensor_parallel_size > 1 yet")
+        if self.speculative not in ("none", "ngram", "model"):
+            raise InvalidArgumentError("speculative", f"must be none, ngram or model, got {self.speculative!r}")
+
+    def speculative_config(self):
+        """The speculator's knobs (imported here so the config module stays dependency-free)."""
+        from stageserve.engine.speculative import SpeculativeConfig
+
+        return SpeculativeConfig(
+            self.num_speculative_tokens, self.spec_adaptive, self.spec_max_batch_size, self.spec_probe_interval,
+            self.spec_prior_token_cost,
+        )

@@ -6,6 +6,7 @@ feed it from their event loop through a command queue (see the decode and prefil
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from stageserve.engine.parallel.launch import leader_rank, start_tensor_parallel
 from stageserve.engine.request import Request, RequestStatus
 from stageserve.engine.runner import ModelRunner, resolve_device, resolve_dtype
 from stageserve.engine.scheduler import Scheduler
+from stageserve.engine.speculative import DraftClient, Speculator
 from stageserve.sample.params import SamplingParams
+from stageserve.sample.rejection import verify_by_match
 from stageserve.sample.sampler import SampledToken
 
 
@@ -64,6 +67,7 @@ class LLMEngine:
         config: EngineConfig | None = None,
         *,
         eos_token_ids: frozenset[int] = frozenset(),
+        draft: DraftClient | None = None,
     ):
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
@@ -92,6 +96,13 @@ class LLMEngine:
         # after each layer of the step that completes the prompt (see `watch_layers`).
         self.layer_watchers: dict[str, Callable[[int, list[int]], None]] = {}
         self.counters = StepCounters()
+        self.speculator: Speculator | None = None
+        if draft is not None:
+            self.set_draft(draft)
+
+    def set_draft(self, draft: DraftClient | None) -> None:
+        """Speculate with proposals from `draft` (None: stop speculating). Call between steps."""
+        self.speculator = Speculator(self.config.speculative_config(), draft) if draft is not None else None
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -145,6 +156,7 @@ class LLMEngine:
         """
         self.layer_watchers.pop(request_id, None)
         request = self.requests.pop(request_id, None)
+        self._release_draft(request_id)
         if request is not None and request.status is RequestStatus.RESERVED:
             request.status = RequestStatus.FINISHED_ABORTED
             self.kv.free(request)
@@ -249,6 +261,7 @@ class LLMEngine:
     def finish_stopped(self, request_id: str) -> None:
         """End a request because the caller found a stop string in its text."""
         request = self.requests.pop(request_id, None)
+        self._release_draft(request_id)
         if request is not None:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
             self.scheduler.remove_finished()
@@ -259,22 +272,59 @@ class LLMEngine:
     # -- stepping ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.plan(self.scheduler.running, self.max_model_len)
         sched = self.scheduler.schedule()
         self.counters.preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
+        start = time.perf_counter()
         sampled = self.runner.execute(sched, self._layer_hook(sched))
+        if self.speculator is not None:
+            self.speculator.observe_step(sched.num_batched_tokens, time.perf_counter() - start)
         self.counters.steps += 1
         self.counters.computed_tokens += sched.num_batched_tokens
         outputs = []
-        for s, token in zip(sched.scheduled, sampled):
-            request = s.request
-            request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_blocks(request)
-            if token is not None:
-                outputs.append(self._append_token(request, token))
+        for s, tokens in zip(sched.scheduled, sampled):
+            out = self._apply(s.request, s.num_new_tokens, tokens)
+            if out is not None:
+                outputs.append(out)
         self.scheduler.remove_finished()
         return outputs
+
+    def _apply(self, request: Request, num_new: int, tokens: list[SampledToken]) -> RequestOutput | None:
+        """Advance a request by one step's result; with draft tokens, verify them first.
+
+        Row j of `tokens` is the target's own token after the first j drafts, so the accepted drafts
+        are exactly the longest prefix that equals those tokens, and row m (m accepted) is the bonus
+        token. Appending rows 0..m one at a time is then the same sequence of events as m + 1 plain
+        steps: the same stop checks, the same blocks cached. KV written for rejected drafts is past
+        num_computed_tokens, so it is never read, and its blocks are freed.
+        """
+        spec, request.spec_token_ids = request.spec_token_ids, []
+        final = request.num_computed_tokens + num_new
+        if spec and tokens:
+            m = verify_by_match(spec, [t.token_id for t in tokens]).num_accepted
+            self.speculator.observe(request, len(spec), m)
+            tokens, final = tokens[: m + 1], final - (len(spec) - m)
+        if not tokens:  # mid-prefill
+            request.num_computed_tokens = final
+            self.kv.cache_blocks(request)
+            return None
+        out = None
+        for i, token in enumerate(tokens):
+            request.num_computed_tokens = final - (len(tokens) - 1 - i)
+            self.kv.cache_blocks(request)
+            out = _merge(out, self._append_token(request, token))
+            if out.finished:
+                return out
+        if spec:
+            self.kv.trim(request, request.num_computed_tokens + 1)
+        return out
+
+    def _release_draft(self, request_id: str) -> None:
+        if self.speculator is not None:
+            self.speculator.release(request_id)
 
     def _append_token(self, request: Request, token: SampledToken) -> RequestOutput:
         request.output_token_ids.append(token.token_id)
@@ -290,6 +340,7 @@ class LLMEngine:
         if status is not None:
             self.scheduler.finish(request, status, free_blocks=not request.prefill_only)
             self.requests.pop(request.request_id, None)
+            self._release_draft(request.request_id)
             if request.prefill_only:
                 self.held[request.request_id] = request
                 self.layer_watchers.pop(request.request_id, None)
@@ -360,3 +411,15 @@ def _calibration_tokens(loaded: LoadedModel, config: EngineConfig) -> list[int] 
     from stageserve.tokenizer.text_tokenizer import load_tokenizer
 
     return calibration_token_ids(load_tokenizer(loaded.tokenizer_source), loaded.config.vocab_size)
+
+
+def _merge(a: RequestOutput | None, b: RequestOutput) -> RequestOutput:
+    """One output for several tokens appended in one step (accepted draft tokens plus the bonus)."""
+    if a is None:
+        return b
+    return dataclasses.replace(
+        b,
+        new_token_ids=a.new_token_ids + b.new_token_ids,
+        new_logprobs=a.new_logprobs + b.new_logprobs,
+        new_top_logprobs=a.new_top_logprobs + b.new_top_logprobs,
+    )

@@ -24,8 +24,11 @@ def load_model_and_tokenizer(model: str | None, config: EngineConfig | None = No
     return loaded, tokenizer
 
 
-def create_engine(model: str | LoadedModel | None, config: EngineConfig | None = None) -> LLMEngine:
-    """An engine that stops on the model's own end-of-sequence tokens."""
+def create_engine(
+    model: str | LoadedModel | None, config: EngineConfig | None = None, local_draft: bool = True
+) -> LLMEngine:
+    """An engine that stops on the model's own end-of-sequence tokens, with the in-process draft its
+    `speculative` knob asks for (unless `local_draft` is False)."""
     if isinstance(model, LoadedModel):
         loaded = model
         tokenizer = load_tokenizer(loaded.tokenizer_source) if loaded.tokenizer_source is not None else None
@@ -33,9 +36,27 @@ def create_engine(model: str | LoadedModel | None, config: EngineConfig | None =
         loaded, tokenizer = load_model_and_tokenizer(model, config)
     eos = tokenizer.stop_token_ids if tokenizer is not None else frozenset()
     engine = LLMEngine(loaded, config, eos_token_ids=eos)
+    if local_draft:
+        engine.set_draft(make_local_draft(loaded, engine))
     del loaded  # the weights as loaded, before fusion: garbage once the runner holds its own
     if engine.device.type == "cuda":
         # Give the allocator's cache of those back to the driver: a prefill and a decode process often
         # share one GPU, and the cached load-time copies would otherwise crowd the other out.
         torch.cuda.empty_cache()
     return engine
+
+
+def make_local_draft(loaded: LoadedModel, engine: LLMEngine):
+    """An in-process draft for the engine's `speculative` knob (None when off). The decode stage
+    replaces it with the Draft service when it is given one."""
+    from stageserve.draft.local import LocalDraft
+    from stageserve.draft.model_proposer import ModelProposer, truncate_layers
+    from stageserve.draft.ngram import NgramProposer
+
+    config = engine.config
+    if config.speculative == "ngram":
+        return LocalDraft(NgramProposer())
+    if config.speculative == "model":
+        draft = truncate_layers(loaded, config.spec_draft_layers)
+        return LocalDraft(ModelProposer(draft, config, device=engine.device, dtype=engine.dtype))
+    return None

@@ -107,6 +107,20 @@ class KVCacheManager:
             self.pool.cache(blocks[i], hashes[i])
         self.req_num_cached[request.request_id] = num_full
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Free the request's blocks past the first `num_tokens` tokens (KV of rejected draft tokens).
+
+        Those blocks were never indexed (only blocks within num_computed_tokens are), so they go back
+        to the pool as plain free blocks.
+        """
+        blocks = self.req_blocks.get(request.request_id)
+        keep = -(-num_tokens // self.block_size)
+        if blocks is None or len(blocks) <= keep:
+            return
+        self.pool.free(list(reversed(blocks[keep:])))
+        del blocks[keep:]
+        self.req_num_cached[request.request_id] = min(self.req_num_cached.get(request.request_id, 0), keep)
+
     def free(self, request: Request) -> None:
         """Return all of a request's blocks. Tail blocks go first so they are evicted first."""
         blocks = self.req_blocks.pop(request.request_id, [])

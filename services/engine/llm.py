@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine, RequestOutput
+from stageserve.engine.factory import make_local_draft
 from stageserve.engine.loader.weights import load_model
 from stageserve.engine.parallel.launch import leader_rank
 from stageserve.engine.runner import resolve_device
@@ -83,6 +84,7 @@ class LLM:
         )
         eos = self.tokenizer.stop_token_ids if self.tokenizer else frozenset()
         self.engine = LLMEngine(loaded, config, eos_token_ids=eos)
+        self.engine.set_draft(make_local_draft(loaded, self.engine))  # --speculative: an in-process draft
         self._ids = itertools.count()
 
     @property

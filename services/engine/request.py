@@ -60,6 +60,9 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     prefill_only: bool = False  # finish after the first token and hold the blocks for a KV transfer
+    # Draft tokens to verify this step, appended after the last sampled token as extra query tokens.
+    # They are not part of num_tokens: only the accepted ones become output tokens.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

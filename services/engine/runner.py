@@ -106,23 +106,30 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, on_layer: Callable[[int], None] | None = None) -> list[SampledToken | None]:
-        """Run one step; returns, per scheduled request, its sampled token or None (mid-prefill).
+    def execute(
+        self, sched: SchedulerOutput, on_layer: Callable[[int], None] | None = None
+    ) -> list[list[SampledToken]]:
+        """Run one step; returns, per scheduled request, its sampled tokens (none mid-prefill).
 
+        A request with k draft tokens gets k + 1: row j is sampled as if the first j drafts had been
+        accepted (its history includes them), so row j is exactly what a plain step would sample there.
         `on_layer(i)` is called right after layer i's forward is queued (a KV transport starts moving that
         layer's pages while the later layers compute); only steps that run the model eagerly call it.
         """
         host, sample_rows = self._prepare_host(sched)
-        results: list[SampledToken | None] = [None] * len(sched.scheduled)
-        logits = self.forward_step(host, [row for _, row in sample_rows], on_layer)
+        results: list[list[SampledToken]] = [[] for _ in sched.scheduled]
+        logits = self.forward_step(host, [row + j for _, row, n in sample_rows for j in range(n)], on_layer)
         if logits is None:
             return results
-        rows = [
-            SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids)
-            for r in (sched.scheduled[i].request for i, _ in sample_rows)
-        ]
-        for (i, _), token in zip(sample_rows, self.sampler(logits, rows).to_lists()):
-            results[i] = token
+        rows, owners = [], []
+        for i, _, n in sample_rows:
+            r = sched.scheduled[i].request
+            for j in range(n):
+                history = r.output_token_ids + r.spec_token_ids[:j] if j else r.output_token_ids
+                rows.append(SamplingRow(r.sampling_params, r.prompt_token_ids, history))
+                owners.append(i)
+        for i, token in zip(owners, self.sampler(logits, rows).to_lists()):
+            results[i].append(token)
         return results
 
     def forward_step(
@@ -148,25 +155,28 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])  # [num_sampled, vocab]
 
-    def _prepare_host(self, sched: SchedulerOutput) -> tuple[HostBatch, list[tuple[int, int]]]:
-        """The step's inputs as host tensors, and (index in schedule, row in the flat batch) of rows to sample."""
+    def _prepare_host(self, sched: SchedulerOutput) -> tuple[HostBatch, list[tuple[int, int, int]]]:
+        """The step's inputs as host tensors, and the rows to sample: (index in schedule, first row in
+        the flat batch, how many rows: 1 + number of draft tokens)."""
         bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
-        sample_rows: list[tuple[int, int]] = []
+        sample_rows: list[tuple[int, int, int]] = []
         for i, s in enumerate(sched.scheduled):
             r, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
-            input_ids += r.token_slice(start, end)
+            spec = r.spec_token_ids  # the scheduler cut it to fit: real tokens end at end - len(spec)
+            input_ids += r.token_slice(start, end - len(spec))
+            input_ids += spec
             positions += range(start, end)
             slots += (s.block_ids[p // bs] * bs + p % bs for p in range(start, end))
             query_start_loc.append(len(input_ids))
             seq_lens.append(end)
-            if end == r.num_tokens:
-                sample_rows.append((i, len(input_ids) - 1))
+            if end - len(spec) == r.num_tokens:
+                sample_rows.append((i, len(input_ids) - 1 - len(spec), 1 + len(spec)))
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
         table = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.scheduled]
         host = HostBatch(

@@ -4,7 +4,9 @@ There are no prefill and decode phases here. Each step has a budget of `max_num_
 and each request asks for `num_tokens - num_computed_tokens` of it. Running requests are served
 first, in arrival order, so a decode (one token) is never starved by a long prompt; what budget
 remains admits waiting requests, whose prompts are cut into chunks that fit (chunked prefill). A
-prefix-cache hit simply starts a request with `num_computed_tokens` already advanced.
+prefix-cache hit simply starts a request with `num_computed_tokens` already advanced. Draft tokens
+to verify (`spec_token_ids`) ride on the same rule: a speculating decode asks for 1 + k tokens, and
+when the budget is short its draft is cut rather than its real tokens.
 
 When the KV pool cannot grow a running request, the most recently admitted running request is
 preempted: its blocks are freed and it goes back to the front of the waiting queue, to be recomputed
@@ -88,7 +90,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            gap = request.num_tokens - request.num_computed_tokens
+            num_new = min(gap + len(request.spec_token_ids), budget)
+            del request.spec_token_ids[max(num_new - gap, 0) :]
             block_ids = self._allocate_or_preempt(request, num_new, out)
             if block_ids is None:  # it preempted itself: nothing after it can run either
                 break
@@ -150,6 +154,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1

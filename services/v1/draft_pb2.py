@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stageserve/v1/draft.proto\x12\rstageserve.v1\"B\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\t\n\x01k\x18\x03 \x01(\r\"$\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"5\n\rAcceptRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\"\x10\n\x0e\x41\x63\x63\x65ptResponse\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe2\x01\n\x05\x44raft\x12H\n\x07Propose\x12\x1d.stageserve.v1.ProposeRequest\x1a\x1e.stageserve.v1.ProposeResponse\x12\x45\n\x06\x41\x63\x63\x65pt\x12\x1c.stageserve.v1.AcceptRequest\x1a\x1d.stageserve.v1.AcceptResponse\x12H\n\x07Release\x12\x1d.stageserve.v1.ReleaseRequest\x1a\x1e.stageserve.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stageserve/v1/draft.proto\x12\rstageserve.v1\"}\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x19\n\x0cnum_accepted\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_num_accepted\"$\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"5\n\rAcceptRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\"\x10\n\x0e\x41\x63\x63\x65ptResponse\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe2\x01\n\x05\x44raft\x12H\n\x07Propose\x12\x1d.stageserve.v1.ProposeRequest\x1a\x1e.stageserve.v1.ProposeResponse\x12\x45\n\x06\x41\x63\x63\x65pt\x12\x1c.stageserve.v1.AcceptRequest\x1a\x1d.stageserve.v1.AcceptResponse\x12H\n\x07Release\x12\x1d.stageserve.v1.ReleaseRequest\x1a\x1e.stageserve.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stageserve.v1.draft_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROPOSEREQUEST']._serialized_start=44
-  _globals['_PROPOSEREQUEST']._serialized_end=110
-  _globals['_PROPOSERESPONSE']._serialized_start=112
-  _globals['_PROPOSERESPONSE']._serialized_end=148
-  _globals['_ACCEPTREQUEST']._serialized_start=150
-  _globals['_ACCEPTREQUEST']._serialized_end=203
-  _globals['_ACCEPTRESPONSE']._serialized_start=205
-  _globals['_ACCEPTRESPONSE']._serialized_end=221
-  _globals['_RELEASEREQUEST']._serialized_start=223
-  _globals['_RELEASEREQUEST']._serialized_end=255
-  _globals['_RELEASERESPONSE']._serialized_start=257
-  _globals['_RELEASERESPONSE']._serialized_end=289
-  _globals['_DRAFT']._serialized_start=292
-  _globals['_DRAFT']._serialized_end=518
+  _globals['_PROPOSEREQUEST']._serialized_end=169
+  _globals['_PROPOSERESPONSE']._serialized_start=171
+  _globals['_PROPOSERESPONSE']._serialized_end=207
+  _globals['_ACCEPTREQUEST']._serialized_start=209
+  _globals['_ACCEPTREQUEST']._serialized_end=262
+  _globals['_ACCEPTRESPONSE']._serialized_start=264
+  _globals['_ACCEPTRESPONSE']._serialized_end=280
+  _globals['_RELEASEREQUEST']._serialized_start=282
+  _globals['_RELEASEREQUEST']._serialized_end=314
+  _globals['_RELEASERESPONSE']._serialized_start=316
+  _globals['_RELEASERESPONSE']._serialized_end=348
+  _globals['_DRAFT']._serialized_start=351
+  _globals['_DRAFT']._serialized_end=577
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,297 @@
+"""Issue 6 benchmark: speculative decoding through the Draft service, against plain decoding in the same run.
+
+The target engine runs in this process; the draft is a real Draft service in a subprocess, called over
+gRPC by the same RemoteDraft client the decode stage uses. Greedy decoding, so every speculative run
+must produce exactly the plain run's tokens (checked first, for every task and method).
+
+  1. batch-1 decode speed (tokens after the first / time after the first) for input-grounded tasks
+     (summarise a given passage, edit given code) and open-ended chat, for ngram and the self-draft,
+     with acceptance rate and mean accepted length (accepted drafts + bonus per verifying step)
+  2. cost model: one draft round trip, a verify step of k+1 query tokens vs a 1-token step, and the
+     speedup they predict, tokens_per_step / ((T(k+1) + D) / T(1)), against the measured one (fixed k)
+  3. throughput vs batch size (default 1 4 16 64) with adaptive k: where speculation switches off
+
+    python benchmarks/speculative.py [--device cpu|cuda] [--smoke] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import torch
+
+from stageserve.draft.client import RemoteDraft
+from stageserve.engine.config import EngineConfig
+from stageserve.engine.factory import create_engine
+from stageserve.engine.loader.default_model import default_model_path
+from stageserve.engine.speculative import DraftCall, expected_tokens
+from stageserve.sample.params import SamplingParams
+from stageserve.tokenizer.text_tokenizer import load_tokenizer
+from stageserve.v1 import draft_pb2
+
+PASSAGE = (
+    "The Great Barrier Reef is the world's largest coral reef system, composed of over 2,900 individual reefs "
+    "and 900 islands stretching for over 2,300 kilometres over an area of approximately 344,400 square "
+    "kilometres. The reef is located in the Coral Sea, off the coast of Queensland, Australia. It can be seen "
+    "from outer space and is the world's biggest single structure made by living organisms. This reef "
+    "structure is composed of and built by billions of tiny organisms, known as coral polyps. It supports a "
+    "wide diversity of life and was selected as a World Heritage Site in 1981. Climate change, pollution and "
+    "crown-of-thorns starfish outbreaks threaten the reef, and mass coral bleaching events have become more "
+    "frequent since 2016."
+)
+CODE = (
+    "def load_users(path):\n    users = []\n    with open(path) as f:\n        for line in f:\n"
+    "            name, age, email = line.strip().split(',')\n            users.append({'name': name, 'age': int(age), "
+    "'email': email})\n    return users\n\n\ndef adults(users):\n    result = []\n    for user in users:\n"
+    "        if user['age'] >= 18:\n            result.append(user)\n    return result\n"
+)
+TASKS = {
+    "summarise": f"Summarise this passage in three sentences, reusing its wording:\n\n{PASSAGE}",
+    "edit-code": f"Rename the variable `users` to `people` everywhere in this code and print the whole result:\n\n{CODE}",
+    "chat": "Write a short story about a robot who learns to paint.",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def draft_server(proposer: str, device: str, layers: int, threads: int):
+    """A Draft service subprocess; yields its address once it answers a proposal."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "stageserve.cli", "serve", "draft", "--server-port", str(port),
+           "--proposer", proposer, "--draft-layers", str(layers), "--engine-device", device]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        client = RemoteDraft([address], timeout_s=5.0)
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"draft server exited: {proc.stderr.read()[-2000:]}")
+            try:
+                client.replicas[0].stub.Propose(draft_pb2.ProposeRequest(seq_id="up", new_token_ids=[1, 2], k=1), timeout=2.0)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        client.close()
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def decode_run(engine, prompts, max_tokens):
+    """Greedy decode of every prompt as one batch. Prefill runs first, untimed. Returns (outputs, decode tok/s)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    reqs = [engine.add_request(f"b{i}-{time.monotonic_ns()}", p, params) for i, p in enumerate(prompts)]
+    while any(not r.output_token_ids for r in reqs):
+        engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start, before = time.perf_counter(), sum(len(r.output_token_ids) for r in reqs)
+    while any(not r.is_finished for r in reqs):
+        engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return [r.output_token_ids for r in reqs], (sum(len(r.output_token_ids) for r in reqs) - before) / elapsed
+
+
+def spec_stats(engine) -> dict:
+    c = engine.speculator.counters
+    return {"acceptance_rate": round(c.acceptance_rate, 3), "mean_accepted_length": round(c.mean_accepted_length, 2),
+            "proposed": c.proposed, "verifications": c.verifications, "draft_calls": c.draft_calls,
+            "draft_ms_per_call": round(1000 * c.draft_seconds / max(c.draft_calls, 1), 3)}  # fmt: skip
+
+
+def use_draft(engine, address, config: EngineConfig):
+    """Point the engine at a draft server with a fresh speculator (fresh statistics)."""
+    engine.config = engine.scheduler.config = config
+    engine.set_draft(RemoteDraft([address], timeout_s=2.0) if address else None)
+
+
+def batch1(engine, tokenizer, drafts, base: EngineConfig, args) -> list[dict]:
+    rows = []
+    for task, text in TASKS.items():
+        prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+        use_draft(engine, None, base)
+        reference, _ = decode_run(engine, [prompt], args.max_tokens)  # warm, and the tokens to match
+        runs = {name: [] for name in ["none", *drafts]}
+        stats = {}
+        for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits every method alike
+            for name in runs:
+                config = dataclasses.replace(base, speculative=name, num_speculative_tokens=args.k)
+                use_draft(engine, drafts.get(name), config)
+                out, tps = decode_run(engine, [prompt], args.max_tokens)
+                assert out == reference, f"{task}/{name}: speculative output differs from plain greedy"
+                runs[name].append(tps)
+                if name != "none":
+                    stats[name] = spec_stats(engine)
+        plain = statistics.median(runs["none"])
+        for name, values in runs.items():
+            tps = statistics.median(values)
+            rows.append({"task": task, "method": name, "decode_tok_s": round(tps, 1), "speedup": round(tps / plain, 2),
+                         **stats.get(name, {})})  # fmt: skip
+            print("batch1", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def step_time(engine, prompt, k, steps) -> float:
+    """Mean seconds of a batch-1 step that verifies k draft tokens (all rejected: the worst case)."""
+
+    class Wrong:
+        def propose(self, calls):
+            return [[(engine.model_config.vocab_size - 1)] * c.k for c in calls]
+
+        def release(self, seq_id):
+            pass
+
+    config = dataclasses.replace(engine.config, speculative="ngram", num_speculative_tokens=max(k, 1), spec_adaptive=False)
+    engine.config = engine.scheduler.config = config
+    engine.set_draft(Wrong() if k else None)
+    params = SamplingParams(max_tokens=steps + 3, temperature=0.0, ignore_eos=True)
+    engine.add_request(f"t{k}-{time.monotonic_ns()}", prompt, params)
+    engine.step()
+    engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    while engine.has_unfinished():
+        engine.step()
+    return elapsed
+
+
+def cost_model(engine, tokenizer, address, base, args) -> dict:
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": TASKS["edit-code"]}]))
+    t = {k: min(step_time(engine, prompt, k, args.cost_steps) for _ in range(2)) for k in (0, args.k)}
+    client = RemoteDraft([address], timeout_s=2.0)
+    client.propose([DraftCall("cost", prompt, args.k, True, None)])
+    start = time.perf_counter()
+    for _ in range(args.cost_steps):
+        client.propose([DraftCall("cost", [], args.k, False, 0)])
+    rpc = (time.perf_counter() - start) / args.cost_steps
+    client.close()
+    # A fixed-k run on the same task: measured tokens per step against the costs above.
+    fixed = dataclasses.replace(base, speculative="ngram", num_speculative_tokens=args.k, spec_adaptive=False)
+    use_draft(engine, None, base)
+    _, plain = decode_run(engine, [prompt], args.max_tokens)
+    use_draft(engine, address, fixed)
+    _, spec = decode_run(engine, [prompt], args.max_tokens)
+    c = engine.speculator.counters
+    tokens_per_step = (c.accepted + c.verifications) / max(c.verifications, 1)
+    hit = c.verifications / max(c.draft_calls, 1)  # steps whose draft proposed something
+    ratio = t[args.k] / t[0]
+    predicted = (hit * tokens_per_step + (1 - hit)) / (hit * ratio + (1 - hit) + rpc / t[0])
+    return {"k": args.k, "step_1_token_ms": round(1000 * t[0], 2), f"step_{args.k + 1}_tokens_ms": round(1000 * t[args.k], 2),
+            "verify_cost_ratio": round(ratio, 3), "draft_rpc_ms": round(1000 * rpc, 3),
+            "acceptance_rate": round(c.acceptance_rate, 3), "tokens_per_verify_step": round(tokens_per_step, 2),
+            "draft_hit_rate": round(hit, 3), "expected_tokens_at_acceptance": round(expected_tokens(c.acceptance_rate, args.k), 2),
+            "predicted_speedup": round(predicted, 2), "measured_speedup": round(spec / plain, 2)}  # fmt: skip
+
+
+def batch_sweep(engine, tokenizer, address, base, args) -> list[dict]:
+    grounded = [TASKS["summarise"], TASKS["edit-code"]]
+    rows = []
+    for size in args.batch_sizes:
+        texts = [grounded[i % 2] + ("" if i < 2 else f"\n(copy {i})") for i in range(size)]
+        prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
+        result = {}
+        for name in ("none", "ngram"):
+            config = dataclasses.replace(base, speculative=name, num_speculative_tokens=args.k, max_num_seqs=max(size, 1))
+            use_draft(engine, address if name == "ngram" else None, config)
+            outs, tps = decode_run(engine, prompts, args.sweep_tokens)
+            result[name] = (outs, tps)
+        assert result["none"][0] == result["ngram"][0], f"batch {size}: speculative output differs"
+        c = engine.speculator.counters
+        steps = c.draft_calls
+        rows.append({"batch": size, "plain_tok_s": round(result["none"][1], 1), "ngram_tok_s": round(result["ngram"][1], 1),
+                     "speedup": round(result["ngram"][1] / result["none"][1], 2),
+                     "speculating": size <= base.spec_max_batch_size and steps > 0,
+                     "acceptance_rate": round(c.acceptance_rate, 3), "verifications": c.verifications})  # fmt: skip
+        print("sweep", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, to check the script runs")
+    ap.add_argument("--k", type=int, default=6, help="most draft tokens per step")
+    ap.add_argument("--draft-layers", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-model", action="store_true", help="no self-draft (saves its start-up)")
+    ap.add_argument("--parts", default="batch1,cost,sweep", help="which of batch1, cost, sweep to run")
+    ap.add_argument("--out", default=None, help="directory for speculative.json")
+    args = ap.parse_args()
+    gpu = args.device.startswith("cuda")
+    args.max_tokens = args.max_tokens or (8 if args.smoke else 128 if gpu else 64)
+    args.rounds = args.rounds or (1 if args.smoke else 3 if gpu else 2)
+    args.batch_sizes = args.batch_sizes or ([1, 4] if args.smoke else [1, 4, 16, 64])
+    args.sweep_tokens = 6 if args.smoke else 64 if gpu else 16
+    args.cost_steps = 3 if args.smoke else 30 if gpu else 10
+    torch.set_num_threads(args.threads)
+
+    base = EngineConfig(device=args.device, num_blocks=4096 if gpu else 2048, max_num_seqs=64, spec_max_batch_size=16)
+    engine = create_engine(None, base)
+    engine.warmup()
+    tokenizer = load_tokenizer(default_model_path())
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        drafts = {"ngram": stack.enter_context(draft_server("ngram", args.device, 0, 1))}
+        if not args.skip_model:
+            drafts["model"] = stack.enter_context(draft_server("model", args.device, args.draft_layers, 1))
+        parts = args.parts.split(",")
+        results = {
+            "batch1": batch1(engine, tokenizer, drafts, base, args) if "batch1" in parts else [],
+            "cost_model": cost_model(engine, tokenizer, drafts["ngram"], base, args) if "cost" in parts else {},
+            "batch_sweep": batch_sweep(engine, tokenizer, drafts["ngram"], base, args) if "sweep" in parts else [],
+        }
+    meta = {"device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "threads": args.threads, "k": args.k, "draft_layers": args.draft_layers, "max_tokens": args.max_tokens,
+            "rounds": args.rounds, "smoke": args.smoke, "seconds": round(time.perf_counter() - started, 1),
+            "command": " ".join(sys.argv)}  # fmt: skip
+    print(f"# speculative decoding, {meta['device']}, {meta['date']}")
+    print(f"{'task':<10} {'method':<6} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'acc.len':>8} {'draft ms':>9}")
+    for r in results["batch1"]:
+        print(f"{r['task']:<10} {r['method']:<6} {r['decode_tok_s']:>8} {r['speedup']:>8} "
+              f"{r.get('acceptance_rate', '-'):>7} {r.get('mean_accepted_length', '-'):>8} {r.get('draft_ms_per_call', '-'):>9}")  # fmt: skip
+    print("cost model:", json.dumps(results["cost_model"]))
+    print(f"{'batch':>5} {'plain tok/s':>12} {'ngram tok/s':>12} {'speedup':>8} {'speculating':>12} {'accept':>7}")
+    for r in results["batch_sweep"]:
+        print(f"{r['batch']:>5} {r['plain_tok_s']:>12} {r['ngram_tok_s']:>12} {r['speedup']:>8} {str(r['speculating']):>12} {r['acceptance_rate']:>7}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "speculative.json").write_text(json.dumps({"meta": meta, **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

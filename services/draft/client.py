@@ -1,0 +1,173 @@
+"""The decode side of the Draft service: a DraftClient over gRPC, with sticky replicas and failure isolation.
+
+It runs on the decode engine's thread, between steps, so it uses synchronous channels; the calls of
+one round go out concurrently (futures) and share one deadline.
+
+Life of a replica:
+
+    UP      calls go to it; each sequence is pinned to one replica (its state lives there)
+    a call times out or finds it unavailable -> DOWN for `backoff` seconds (doubling, capped): its
+            sequences decode without speculation, and no step waits on it again
+    backoff over -> one probe proposal is sent without waiting for it; steps keep going
+    the probe is answered in time -> UP (the backoff resets once a real proposal succeeds); else DOWN
+            again, longer. (A probe proposal, not a health check: a draft whose server answers health
+            checks but whose proposer hangs must not cost another timeout.)
+
+So a killed or stalled draft costs at most one `timeout_s`, once, and the output never changes (the
+draft only ever proposes; the target verifies). A sequence whose call failed is re-sent its whole
+history (`reset`), to any replica that is up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from stageserve.engine.speculative import DraftCall
+from stageserve.v1 import draft_pb2, draft_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_PROBE_SEQ = "__stageserve_probe__"
+_REPLICA_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+@dataclass
+class _Replica:
+    address: str
+    channel: grpc.Channel
+    stub: draft_pb2_grpc.DraftStub
+    down_until: float = 0.0  # monotonic; 0 when up
+    backoff_s: float = 0.0
+    probe: grpc.Future | None = None
+    failures: int = 0
+
+    @property
+    def is_down(self) -> bool:
+        return self.down_until > 0.0
+
+
+@dataclass
+class RemoteDraftStats:
+    calls: int = 0
+    failures: int = 0
+    replicas_marked_down: int = 0
+    by_replica: dict[str, int] = field(default_factory=dict)
+
+
+class RemoteDraft:
+    """A DraftClient that calls Draft service replicas."""
+
+    def __init__(
+        self, addresses: Sequence[str], timeout_s: float = 0.5, backoff_s: float = 2.0, max_backoff_s: float = 60.0
+    ):
+        if not addresses:
+            raise ValueError("need at least one draft address")
+        self.timeout_s, self.backoff_s, self.max_backoff_s = timeout_s, backoff_s, max_backoff_s
+        self.replicas = []
+        for address in addresses:
+            channel = grpc.insecure_channel(address)
+            self.replicas.append(
+                _Replica(address, channel, draft_pb2_grpc.DraftStub(channel))
+            )
+        self.pins: dict[str, _Replica] = {}
+        self._releases: set = set()  # Release calls in flight (see `release`)
+        self.stats = RemoteDraftStats()
+
+    def propose(self, calls: list[DraftCall]) -> list[list[int] | None]:
+        self._refresh()
+        results: list[list[int] | None] = [None] * len(calls)
+        pending = []
+        for i, call in enumerate(calls):
+            replica = self._replica_for(call)
+            if replica is None:
+                continue
+            request = draft_pb2.ProposeRequest(
+                seq_id=call.seq_id, new_token_ids=call.new_token_ids, k=call.k, reset=call.reset,
+                num_accepted=call.num_accepted,
+            )
+            pending.append((i, replica, replica.stub.Propose.future(request, timeout=self.timeout_s)))
+        self.stats.calls += len(pending)
+        for i, replica, future in pending:
+            try:
+                results[i] = list(future.result().token_ids)  # each future carries the same deadline
+                replica.backoff_s = 0.0  # it answers proposals again: a later failure starts the backoff afresh
+                self.stats.by_replica[replica.address] = self.stats.by_replica.get(replica.address, 0) + 1
+            except grpc.RpcError as exc:
+                self.stats.failures += 1
+                if exc.code() in _REPLICA_DOWN:
+                    self._mark_down(replica, exc)
+                else:
+                    logger.warning("draft %s refused %s: %s", replica.address, calls[i].seq_id, exc.details())
+        return results
+
+    def release(self, seq_id: str) -> None:
+        replica = self.pins.pop(seq_id, None)
+        if replica is not None and not replica.is_down:  # fire and forget: nobody waits on a release
+            # ...but keep the call referenced until it is done: grpc cancels a future that is collected.
+            call = replica.stub.Release.future(draft_pb2.ReleaseRequest(seq_id=seq_id), timeout=self.timeout_s)
+            self._releases.add(call)
+            call.add_done_callback(self._releases.discard)
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            replica.channel.close()
+
+    def _replica_for(self, call: DraftCall) -> _Replica | None:
+        """The sequence's pinned replica; a reset may move it to any replica that is up."""
+        pinned = self.pins.get(call.seq_id)
+        if pinned is not None and not pinned.is_down and not call.reset:
+            return pinned
+        if pinned is not None and not call.reset:
+            return None  # its state is on a replica that is down: no speculation until a reset moves it
+        up = [r for r in self.replicas if not r.is_down]
+        if not up:
+            return None
+        if pinned is not None and not pinned.is_down:
+            return pinned
+        replica = up[zlib.crc32(call.seq_id.encode()) % len(up)]  # spread sequences, stable per id
+        self.pins[call.seq_id] = replica
+        return replica
+
+    def _mark_down(self, replica: _Replica, exc: grpc.RpcError) -> None:
+        if replica.is_down:
+            return
+        replica.backoff_s = min(max(replica.backoff_s * 2, self.backoff_s), self.max_backoff_s)
+        replica.down_until = time.monotonic() + replica.backoff_s
+        replica.failures += 1
+        self.stats.replicas_marked_down += 1
+        logger.warning(
+            "draft %s failed (%s); decoding without it for %.1f s", replica.address, exc.code().name, replica.backoff_s
+        )
+
+    def _refresh(self) -> None:
+        """Advance down replicas: send a probe when their backoff ends, and act on answered ones."""
+        now = time.monotonic()
+        for replica in self.replicas:
+            if not replica.is_down:
+                continue
+            if replica.probe is None:
+                if now >= replica.down_until:
+                    probe = draft_pb2.ProposeRequest(seq_id=_PROBE_SEQ, new_token_ids=[0, 0], k=1, reset=True)
+                    replica.probe = replica.stub.Propose.future(probe, timeout=self.timeout_s)
+                continue
+            if not replica.probe.done():
+                continue
+            probe, replica.probe = replica.probe, None
+            try:
+                probe.result()
+                answered = True
+            except grpc.RpcError:
+                answered = False
+            if answered:
+                replica.down_until = 0.0
+                replica.stub.Release.future(draft_pb2.ReleaseRequest(seq_id=_PROBE_SEQ), timeout=self.timeout_s)
+                logger.info("draft %s is back", replica.address)
+            else:
+                replica.backoff_s = min(replica.backoff_s * 2, self.max_backoff_s)
+                replica.down_until = now + replica.backoff_s

@@ -1,0 +1,117 @@
+"""The speculation policy without a model: adaptive k, switch-off by batch size and by acceptance."""
+
+from __future__ import annotations
+
+from stageserve.engine.request import Request
+from stageserve.engine.speculative import DraftCall, SpeculativeConfig, Speculator, StepCostModel, expected_tokens
+from stageserve.sample.params import SamplingParams
+
+
+class Recorder:
+    def __init__(self, proposal):
+        self.proposal, self.calls, self.released = proposal, [], []
+
+    def propose(self, calls: list[DraftCall]):
+        self.calls.append(calls)
+        return [self.proposal[: c.k] for c in calls]
+
+    def release(self, seq_id):
+        self.released.append(seq_id)
+
+
+def decoding(rid: str, prompt_len: int = 8, out: int = 1) -> Request:
+    r = Request(rid, list(range(prompt_len)), SamplingParams(max_tokens=100, temperature=0.0))
+    r.output_token_ids = [7] * out
+    r.num_computed_tokens = r.num_tokens - 1
+    return r
+
+
+def test_sends_whole_history_first_then_only_new_tokens_with_acceptance():
+    draft = Recorder([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, adaptive=False), draft)
+    r = decoding("a")
+    spec.plan([r], 1000)
+    first = draft.calls[-1][0]
+    assert first.reset and first.new_token_ids == r.all_token_ids and first.k == 4
+    assert r.spec_token_ids == [1, 2, 3, 4]
+    spec.observe(r, 4, 2)  # the engine accepted 2 and appended them plus a bonus
+    r.spec_token_ids = []
+    r.output_token_ids += [1, 2, 9]
+    r.num_computed_tokens = r.num_tokens - 1
+    spec.plan([r], 1000)
+    second = draft.calls[-1][0]
+    assert not second.reset and second.new_token_ids == [1, 2, 9] and second.num_accepted == 2
+    spec.release("a")
+    assert draft.released == ["a"]
+
+
+def test_failed_draft_means_no_speculation_and_a_reset_next_time():
+    class Failing(Recorder):
+        def propose(self, calls):
+            self.calls.append(calls)
+            return [None for _ in calls]
+
+    draft = Failing([])
+    spec = Speculator(SpeculativeConfig(adaptive=False), draft)
+    r = decoding("a")
+    spec.plan([r], 1000)
+    assert r.spec_token_ids == []
+    spec.plan([r], 1000)
+    assert draft.calls[-1][0].reset and draft.calls[-1][0].new_token_ids == r.all_token_ids
+
+
+def test_no_speculation_above_the_batch_threshold():
+    draft = Recorder([1, 2])
+    spec = Speculator(SpeculativeConfig(max_batch_size=2), draft)
+    batch = [decoding(str(i)) for i in range(3)]
+    spec.plan(batch, 1000)
+    assert not draft.calls and all(not r.spec_token_ids for r in batch)
+
+
+def test_k_never_overshoots_max_tokens():
+    draft = Recorder([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(adaptive=False), draft)
+    r = decoding("a", out=98)  # 2 tokens left: one draft plus the bonus
+    spec.plan([r], 1000)
+    assert r.spec_token_ids == [1]
+
+
+def test_low_acceptance_switches_off_and_probes_rarely():
+    draft = Recorder([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, probe_interval=4), draft)
+    for _ in range(5):
+        spec.observe_step(1, 0.010)
+        spec.observe_step(5, 0.013)
+    r = decoding("a")
+    ks = []
+    for _ in range(80):
+        spec.plan([r], 1000)
+        ks.append(len(r.spec_token_ids))
+        if r.spec_token_ids:
+            spec.observe(r, len(r.spec_token_ids), 0)  # every draft token rejected
+        r.spec_token_ids = []
+    assert ks[0] > 0
+    assert sum(1 for k in ks[10:] if k) <= 4, "a draft that is never right is only probed, ever more rarely"
+
+
+def test_high_acceptance_keeps_k_high():
+    draft = Recorder([1] * 8)
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=8), draft)
+    for n in range(1, 10):
+        spec.observe_step(n, 0.010 + 0.0005 * n)
+    r = decoding("a")
+    for _ in range(5):
+        spec.plan([r], 1000)
+        spec.observe(r, len(r.spec_token_ids), len(r.spec_token_ids))
+        r.spec_token_ids = []
+    spec.plan([r], 1000)
+    assert len(r.spec_token_ids) >= 6
+
+
+def test_cost_model_interpolates_and_expected_tokens():
+    costs = StepCostModel(prior_token_cost=0.1)
+    assert costs.ratio(1, 4) == 1.4  # the prior before any sample
+    costs.observe(1, 1.0)
+    costs.observe(5, 2.0)
+    assert costs.time(3) == 1.5 and costs.ratio(1, 4) == 2.0
+    assert expected_tokens(0.0, 4) == 1.0 and abs(expected_tokens(0.5, 2) - 1.75) < 1e-9
