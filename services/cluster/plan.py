@@ -102,11 +102,10 @@ def plan_services(
     specs = [spec("tokenizer", 0, args=_model_args("tokenizer", config.model))]
     if config.sampler == "remote":
         specs.append(spec("sample", 0, args=_model_args("sample", config.model)))
-    draft_args: tuple[str, ...] = ()
+    # The draft always names the cluster's model (a model proposer loads it; ngram ignores it).
+    draft_args = _model_args("draft", config.model)
     if config.speculative != "none":
-        draft_args = ("--proposer", config.speculative, "--draft-layers", str(config.draft_layers))
-        if config.speculative == "model":
-            draft_args += _model_args("draft", config.model)
+        draft_args += ("--proposer", config.speculative, "--draft-layers", str(config.draft_layers))
     specs.append(spec("draft", 0, args=draft_args))
 
     engine_args = {role: _model_args(role, config.model) for role in ("prefill", "decode")}

@@ -57,7 +57,7 @@ def test_replicas_remote_sampler_model_and_optional_fields():
     ]  # fmt: skip
     assert by_name["tokenizer-0"].args == ("--model-path", "m.gguf")
     assert by_name["sample-0"].args == ("--model-path", "m.gguf")
-    assert by_name["draft-0"].args == ()
+    assert by_name["draft-0"].args == ("--model", "m.gguf")  # ngram ignores it; a model proposer loads it
     assert by_name["prefill-1"].args == ("--model", "m.gguf")  # prefill has no kv_transport field here
     assert by_name["decode-2"].args == ("--model", "m.gguf", "--kv-transport", "auto")
     assert dict(by_name["decode-0"].address_flags) == {
