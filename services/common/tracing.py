@@ -29,6 +29,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from stageserve.common.interceptors import rewrap
+
 logger = logging.getLogger(__name__)
 
 INSTRUMENTATION = "stageserve"
@@ -185,16 +187,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or trace is None or details.method.endswith(UNTRACED_SUFFIXES):
             return handler
         method = details.method
-        codecs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, method), **codecs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, method), **codecs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, method), **codecs)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream, method), **codecs)
-        return handler
+        return rewrap(handler, lambda behavior, streams_out: (_streaming if streams_out else _unary)(behavior, method))
 
 
 def _server_span(method: str, context: grpc.aio.ServicerContext) -> Any:
