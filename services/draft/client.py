@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from stageserve.common import tracing
 from stageserve.engine.speculative import DraftCall
 from stageserve.v1 import draft_pb2, draft_pb2_grpc
 
@@ -80,6 +81,13 @@ class RemoteDraft:
         self.stats = RemoteDraftStats()
 
     def propose(self, calls: list[DraftCall]) -> list[list[int] | None]:
+        # On the engine thread, inside a step: traced when the step is (the verbose level).
+        with tracing.child_span("draft.propose", {"stageserve.draft.sequences": len(calls)}, kind="client") as span:
+            results = self._propose(calls)
+            span.set_attribute("stageserve.draft.proposed_tokens", sum(len(r) for r in results if r))
+        return results
+
+    def _propose(self, calls: list[DraftCall]) -> list[list[int] | None]:
         self._refresh()
         results: list[list[int] | None] = [None] * len(calls)
         pending = []
@@ -91,7 +99,8 @@ class RemoteDraft:
                 seq_id=call.seq_id, new_token_ids=call.new_token_ids, k=call.k, reset=call.reset,
                 num_accepted=call.num_accepted,
             )
-            pending.append((i, replica, replica.stub.Propose.future(request, timeout=self.timeout_s)))
+            future = replica.stub.Propose.future(request, timeout=self.timeout_s, metadata=tracing.outgoing_metadata())
+            pending.append((i, replica, future))
         self.stats.calls += len(pending)
         for i, replica, future in pending:
             try:

@@ -16,7 +16,8 @@ if steps keep failing or a step outlives `step_timeout_s` (the watchdog reads `l
 
 With `trace_steps` (a verbose tracing level) every step is a span of its own, linked to the span of each
 request streaming from it: a step serves a whole batch, so it is a root span with links rather than a
-child of any one request. Work inside the step (a remote sample call) hangs off it.
+child of any one request. Work inside the step (a remote sample call, a draft proposal) hangs off it,
+and the step records how many draft tokens it verified and accepted.
 """
 
 from __future__ import annotations
@@ -152,8 +153,15 @@ class EngineWorker:
         try:
             if self.trace_steps:
                 with tracing.linked_span("engine.step", list(self._trace_links.values())) as span:
+                    spec = self.engine.speculator
+                    before = (spec.counters.proposed, spec.counters.accepted) if spec is not None else (0, 0)
                     outputs = self.engine.step()
                     span.set_attribute("stageserve.step.num_outputs", len(outputs))
+                    if spec is not None:  # this step's verification of draft tokens
+                        span.set_attributes({
+                            "stageserve.speculative.proposed_tokens": spec.counters.proposed - before[0],
+                            "stageserve.speculative.accepted_tokens": spec.counters.accepted - before[1],
+                        })
             else:
                 outputs = self.engine.step()
             self.consecutive_failures = 0

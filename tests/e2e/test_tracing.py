@@ -32,7 +32,8 @@ from stageserve.sample.params import SamplingParams  # noqa: E402
 pytestmark = pytest.mark.slow
 
 ENGINE = {"engine": {"num_blocks": 64, "max_num_batched_tokens": 128}}
-# Decode samples through the Sample service and traces each step (the verbose level).
+# Decode samples through the Sample service, speculates with the ngram draft service, and traces each
+# step (the verbose level).
 DECODE = {**ENGINE, "trace_steps": True}
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
@@ -70,7 +71,9 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def cluster(receiver):
-    config = ClusterConfig(gateway_port=0, trace=receiver[1], metrics=True, sampler="remote", startup_timeout_s=240)
+    config = ClusterConfig(
+        gateway_port=0, trace=receiver[1], metrics=True, sampler="remote", speculative="ngram", startup_timeout_s=240
+    )
     specs = plan_services(config, {"prefill": ENGINE, "decode": DECODE})
     env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
     c = Cluster(specs, output=io.StringIO(), startup_timeout_s=240, grace_s=5, env=env)
@@ -139,10 +142,11 @@ def test_one_generation_is_one_trace_rooted_at_the_client_span(cluster, receiver
     assert "first_token" in events and "finish" in events
 
 
-def test_verbose_level_traces_each_decode_step_and_its_remote_sample_call(cluster, receiver):
+def test_verbose_level_traces_each_decode_step_its_remote_sample_and_draft_calls(cluster, receiver):
     collector, _ = receiver
     trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
-    asyncio.run(generate(cluster.address("gateway-0"), "Name a colour:", f"00-{trace_id}-{client_span}-01"))
+    prompt = "Repeat after me: red green blue red green blue red green blue"  # the ngram draft has matches
+    asyncio.run(generate(cluster.address("gateway-0"), prompt, f"00-{trace_id}-{client_span}-01"))
     attach = wait_for_spans(collector, bytes.fromhex(trace_id), {"stageserve.v1.Decode/Attach"})
     attach_id = next(s.span_id for _, s in attach if s.name == "stageserve.v1.Decode/Attach")
 
@@ -163,6 +167,15 @@ def test_verbose_level_traces_each_decode_step_and_its_remote_sample_call(cluste
     served = [s for s in spans if s.name == "stageserve.v1.Sample/Sample" and s.parent_span_id in calls]
     assert len(calls) == len(steps) and len(served) == len(steps)
     assert all({a.key for a in c.attributes} >= {"stageserve.sample.rows"} for c in calls.values())
+
+    # Draft proposals hang off the steps too, with the Draft service's span under each; every step says
+    # how many draft tokens it verified and accepted.
+    proposals = {s.span_id: s for s in spans if s.name == "draft.propose" and s.parent_span_id in step_ids}
+    assert proposals, "the first decode step asks the draft for proposals"
+    assert any(s.name == "stageserve.v1.Draft/Propose" and s.parent_span_id in proposals for s in spans)
+    for step in steps:
+        keys = {a.key for a in step.attributes}
+        assert {"stageserve.speculative.proposed_tokens", "stageserve.speculative.accepted_tokens"} <= keys
 
 
 def scrape(cluster: Cluster, name: str) -> dict[str, dict[str, float]]:
