@@ -72,11 +72,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def draft_server(proposer: str, device: str, layers: int, threads: int):
+def draft_server(proposer: str, device: str, layers: int, threads: int, dtype: str = "auto"):
     """A Draft service subprocess; yields its address once it answers a proposal."""
     port = free_port()
     cmd = [sys.executable, "-m", "stageserve.cli", "serve", "draft", "--server-port", str(port),
-           "--proposer", proposer, "--draft-layers", str(layers), "--engine-device", device]  # fmt: skip
+           "--proposer", proposer, "--draft-layers", str(layers), "--engine-device", device,
+           "--engine-dtype", dtype]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     address = f"127.0.0.1:{port}"
@@ -247,6 +248,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="engine dtype; float32 on a GPU keeps greedy identity exact")
     ap.add_argument("--skip-model", action="store_true", help="no self-draft (saves its start-up)")
     ap.add_argument("--parts", default="batch1,cost,sweep", help="which of batch1, cost, sweep to run")
     ap.add_argument("--out", default=None, help="directory for speculative.json")
@@ -259,15 +261,16 @@ def main() -> None:
     args.cost_steps = 3 if args.smoke else 30 if gpu else 10
     torch.set_num_threads(args.threads)
 
-    base = EngineConfig(device=args.device, num_blocks=4096 if gpu else 2048, max_num_seqs=64, spec_max_batch_size=16)
+    base = EngineConfig(device=args.device, dtype=args.dtype, num_blocks=4096 if gpu else 2048, max_num_seqs=64,
+                        spec_max_batch_size=16)
     engine = create_engine(None, base)
     engine.warmup()
     tokenizer = load_tokenizer(default_model_path())
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        drafts = {"ngram": stack.enter_context(draft_server("ngram", args.device, 0, 1))}
+        drafts = {"ngram": stack.enter_context(draft_server("ngram", args.device, 0, 1, args.dtype))}
         if not args.skip_model:
-            drafts["model"] = stack.enter_context(draft_server("model", args.device, args.draft_layers, 1))
+            drafts["model"] = stack.enter_context(draft_server("model", args.device, args.draft_layers, 1, args.dtype))
         parts = args.parts.split(",")
         results = {
             "batch1": batch1(engine, tokenizer, drafts, base, args) if "batch1" in parts else [],
@@ -276,7 +279,7 @@ def main() -> None:
         }
     meta = {"device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-            "threads": args.threads, "k": args.k, "draft_layers": args.draft_layers, "max_tokens": args.max_tokens,
+            "threads": args.threads, "dtype": args.dtype, "k": args.k, "draft_layers": args.draft_layers, "max_tokens": args.max_tokens,
             "rounds": args.rounds, "smoke": args.smoke, "seconds": round(time.perf_counter() - started, 1),
             "command": " ".join(sys.argv)}  # fmt: skip
     print(f"# speculative decoding, {meta['device']}, {meta['date']}")

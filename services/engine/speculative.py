@@ -86,6 +86,9 @@ class StepCostModel:
         else:
             self.times[num_tokens] = self.decay * self.times[num_tokens] + (1 - self.decay) * seconds
 
+    def measured(self, num_tokens: int) -> bool:
+        return num_tokens in self.times
+
     def time(self, num_tokens: int) -> float | None:
         """Interpolated step time for `num_tokens`; None before any sample."""
         if not self.sizes:
@@ -209,6 +212,11 @@ class Speculator:
         max_k = self.config.num_speculative_tokens
         if not self.config.adaptive:
             return max_k
+        if not self.costs.measured(batch):
+            # Every speedup is relative to a plain step at this batch size, so run one first. Guessing it
+            # from verify steps with the prior per-token cost overrates it badly where plain steps replay a
+            # CUDA graph and verify steps run eagerly (an H200: ~1 ms against ~8 ms).
+            return 0
         base = self.costs.time(batch)
         draft = (self.draft_time or 0.0) / base if base else 0.0
         best_k, best = 0, 1.0

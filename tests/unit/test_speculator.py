@@ -115,3 +115,21 @@ def test_cost_model_interpolates_and_expected_tokens():
     costs.observe(5, 2.0)
     assert costs.time(3) == 1.5 and costs.ratio(1, 4) == 2.0
     assert expected_tokens(0.0, 4) == 1.0 and abs(expected_tokens(0.5, 2) - 1.75) < 1e-9
+
+
+def test_adaptive_k_waits_for_a_measured_plain_step_at_its_batch_size():
+    draft = Recorder([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft)
+    r = decoding("a")
+    spec.plan([r], 1000)
+    assert not draft.calls and r.spec_token_ids == []  # a plain step first, to measure it
+    spec.observe_step(1, 0.001)  # a CUDA-graph replay
+    spec.observe_step(5, 0.008)  # an eager verify step of 4 drafts: never worth it, even at full acceptance
+    for _ in range(3):
+        spec.plan([r], 1000)
+        assert r.spec_token_ids == []
+    spec.observe_step(5, 0.0012)  # ...until verify steps are nearly as cheap (decays toward 1.2 ms)
+    for _ in range(40):
+        spec.observe_step(5, 0.0012)
+    spec.plan([r], 1000)
+    assert r.spec_token_ids, "a cheap verify step and a draft that has never been wrong: speculate"
