@@ -226,6 +226,8 @@ class Speculator:
             if speedup > best:
                 best_k, best = k, speedup
         if best_k == 0:
+            if not self._could_pay(batch, draft):
+                return 0  # not even a draft that is always right would pay here: no probes either
             state.steps_off += 1
             state.probe_after = state.probe_after or self.config.probe_interval
             if state.steps_off >= state.probe_after:  # look again: the text may have changed
@@ -235,6 +237,11 @@ class Speculator:
         else:
             state.steps_off, state.probe_after = 0, 0
         return best_k
+
+    def _could_pay(self, batch: int, draft: float) -> bool:
+        """Whether some k would speed up a sequence whose drafts are all accepted, at this batch size."""
+        k_max = self.config.num_speculative_tokens
+        return any((k + 1) / (self.costs.ratio(batch, k) + draft) > 1.0 for k in range(1, k_max + 1))
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.costs.observe(num_tokens, seconds)

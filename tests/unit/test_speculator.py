@@ -133,3 +133,15 @@ def test_adaptive_k_waits_for_a_measured_plain_step_at_its_batch_size():
         spec.observe_step(5, 0.0012)
     spec.plan([r], 1000)
     assert r.spec_token_ids, "a cheap verify step and a draft that has never been wrong: speculate"
+
+
+def test_no_probes_where_even_a_perfect_draft_cannot_pay():
+    draft = Recorder([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, probe_interval=4), draft)
+    for n in range(1, 6):  # a 1-token step replays a graph; every verify step runs eagerly at 8x its cost
+        spec.observe_step(n, 0.001 if n == 1 else 0.008 + 0.0001 * n)
+    r = decoding("a")
+    for _ in range(200):
+        spec.plan([r], 1000)
+        assert r.spec_token_ids == []
+    assert not draft.calls
