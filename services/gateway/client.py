@@ -13,7 +13,6 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-import grpc.aio
 
 from stageserve.common.convert import finish_reason_from_pb, sampling_params_to_pb
 from stageserve.common.security import SecurityConfig, aio_channel

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 

@@ -151,7 +151,7 @@ class PackedLinear(QuantizedLinear):
             return self._finish((x2.float() @ self.pending.t()).to(x.dtype), shape)
         if self.input_scale is not None:
             x2 = x2 * self.input_scale
-        p, m = self.packed, x2.shape[0]
+        p = self.packed
         if x.device.type != "cuda":  # the reference: x @ dequantize(W)^T in float32
             if self._cpu_weight is None:
                 self._cpu_weight = p.dequantize()
