@@ -189,13 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = {"engine": {"num_blocks": args.num_blocks}}
     config = ClusterConfig(model=args.model, gateway_port=0, startup_timeout_s=300)
     specs = plan_services(config, {"prefill": engine, "decode": engine})
-    cluster = Cluster(specs, output=io.StringIO(), startup_timeout_s=300, grace_s=10)
-    cluster.start()
-    try:
+    with Cluster(specs, output=io.StringIO(), startup_timeout_s=300, grace_s=10) as cluster:
+        cluster.start()
         cluster.wait_ready()
         result = asyncio.run(soak(cluster, args))
-    finally:
-        cluster.stop()
     brief = {k: v for k, v in result.items() if k != "windows"}
     print(json.dumps(brief, indent=2))
     if args.out:

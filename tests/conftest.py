@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module of tiny matmuls (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): they gain
+    nothing from threads, and on a busy 2-core box spinning workers slow them 50x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def default_weights() -> LoadedModel:
     return load_model(None)

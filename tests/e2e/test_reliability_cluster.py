@@ -55,13 +55,10 @@ def greedy(max_tokens: int) -> SamplingParams:
 def cluster():
     config = ClusterConfig(gateway_port=0, prefill_replicas=2, decode_replicas=2, startup_timeout_s=240)
     specs = plan_services(config, {"prefill": ENGINE, "decode": {**ENGINE, **GRACE}, "gateway": GRACE})
-    c = Cluster(specs, output=io.StringIO(), startup_timeout_s=240, grace_s=5)
-    c.start()
-    try:
+    with Cluster(specs, output=io.StringIO(), startup_timeout_s=240, grace_s=5) as c:
+        c.start()
         c.wait_ready()
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

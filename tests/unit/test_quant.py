@@ -30,12 +30,7 @@ Q = gguf.GGMLQuantizationType
 GGUF_FORMATS = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def weight(n: int = 48, k: int = 256, seed: int = 0) -> torch.Tensor:
