@@ -8,6 +8,8 @@ Phases (rows print as they go; everything lands in OUT/quant.json):
   parity    every kernel (gemv, fused mm, dequantize + GEMM, fp8 _scaled_mm) against dequantize-then-matmul
             in float32, at the Llama-3-8B projection shapes, batch 1..256; fails the run past tolerance
   kernels   per shape and batch: bf16 F.linear vs each kernel variant and the variant the layer dispatches to
+  sweep     the kernels' launch configurations per shape and batch (GEMV rows per program and tile, the
+            fused kernel's tiles, FP8 GEMV vs _scaled_mm), against bf16 F.linear: what the defaults are set from
   decode    dummy:llama-3-8b per format: one decode step (CUDA graph, Triton attention, 128-token contexts)
             at batch 1/16/64/256: tok/s, batch-1 % of the weight-byte roofline, weight and KV memory
 """
@@ -152,6 +154,64 @@ def kernel_rows(name, fmt, w, batches, iters, tol, gen) -> bool:
     return ok
 
 
+GEMV_CONFIGS = [dict(block_n=bn, tile_words=tw) for bn in (2, 4, 8, 16) for tw in (256, 512, 1024)]
+MM_CONFIGS = [
+    dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+    for bm, bn, bk, w, st in (
+        (16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (32, 64, 128, 4, 3), (64, 64, 128, 4, 3),
+        (64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+    )
+]  # fmt: skip
+
+
+def sweep_phase(shapes, batches, iters: int) -> None:
+    """Every launch configuration per shape, format and batch; one row per (shape, fmt, batch) with the best."""
+    from stageserve.kernels import fp8 as fp8k
+
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    for name, (n, k) in shapes.items():
+        w = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.02).to(DTYPE)
+        for fmt in ("int4", "int8", "q4_1", "fp8"):
+            layer = layer_for(fmt, w)
+            for m in batches:
+                x = torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE)
+                bf16_s = timed(lambda: F.linear(x, w), iters)
+                runs = {}
+                if fmt == "fp8":
+                    xq, xs = fp8k.quantize_rows_fp8(x)
+                    runs["quant_act"] = lambda: fp8k.quantize_rows_fp8(x)
+                    runs["scaled_mm"] = lambda: torch._scaled_mm(xq, layer.weight_fp8.t(), scale_a=xs, scale_b=layer._scale_b, out_dtype=DTYPE)
+                    runs["scaled_mm_fast"] = lambda: torch._scaled_mm(
+                        xq, layer.weight_fp8.t(), scale_a=xs, scale_b=layer._scale_b, out_dtype=DTYPE, use_fast_accum=True)
+                    if m <= fp8k.GEMV_MAX_M:
+                        for bn in (2, 4, 8, 16):
+                            runs[f"gemv_bn{bn}"] = lambda bn=bn: fp8k.fp8_gemv(xq, xs, layer.weight_fp8, layer.weight_scale, DTYPE, block_n=bn)
+                else:
+                    p = layer.packed
+                    args = (p.qweight, p.scales, p.offsets, p.bits)
+                    if m <= qm.GEMV_MAX_M:
+                        for c in GEMV_CONFIGS:
+                            runs["gemv_" + "_".join(f"{v}" for v in c.values())] = lambda c=c: qm.quant_gemv(x, *args, **c)
+                    if m >= 4:
+                        for c in MM_CONFIGS:
+                            if c["block_m"] <= max(16, 2 * m):
+                                runs["mm_" + "_".join(f"{v}" for v in c.values())] = lambda c=c: qm.quant_mm(x, *args, **c)
+                    runs["dq+gemm"] = lambda: x @ qm.dequantize(*args, x.dtype).t()
+                times = {}
+                for v, fn in runs.items():
+                    try:
+                        times[v] = timed(fn, iters)
+                    except Exception as exc:  # a configuration that does not compile or fit: skipped, named
+                        log("sweep_error", shape=name, fmt=fmt, batch=m, variant=v, error=f"{type(exc).__name__}: {exc}"[:200])
+                kernels = {v: t for v, t in times.items() if v != "quant_act"}
+                best = min(kernels, key=kernels.get)
+                top = sorted(kernels, key=kernels.get)[:4]
+                log("sweep", shape=name, fmt=fmt, batch=m, bf16_us=bf16_s * 1e6, best=best, best_us=kernels[best] * 1e6,
+                    best_vs_bf16=bf16_s / kernels[best], weight_GBps=layer.weight_bytes() / kernels[best] / 1e9,
+                    top=" ".join(f"{v}:{kernels[v] * 1e6:.1f}" for v in top),
+                    **({"quant_act_us": times["quant_act"] * 1e6} if "quant_act" in times else {}))  # fmt: skip
+
+
 def decode_meta(batch: int, ctx: int, block_size: int) -> AttentionMetadata:
     """Batch sequences of ctx cached tokens each, one new token each, in disjoint blocks."""
     per_seq = ctx // block_size + 1
@@ -278,6 +338,9 @@ def main() -> int:
         if "parity" in phases:
             ok &= kernel_phases(shapes, parity_batches, 0, 2e-2 if DTYPE == torch.bfloat16 else 1e-4)
             RESULTS["parity_ok"] = ok
+            save()
+        if "sweep" in phases:
+            sweep_phase({k: v for k, v in shapes.items() if k != "tiny"} or shapes, [1, 4, 16, 64, 256] if ON_GPU else [1, 8], iters)
             save()
         if "kernels" in phases:
             kernel_phases({k: v for k, v in shapes.items() if k in ("tiny", "qkv", "down")}, kernel_batches, iters, float("inf"))

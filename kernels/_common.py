@@ -25,6 +25,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def gemv_block_n(n: int, sms: int) -> int:
+    """Output rows per program of a GEMV that streams each row once: about 4 programs per SM, so enough
+    loads stay in flight, and 2..16 rows."""
+    return max(2, min(16, 1 << max(0, (n // (4 * sms)).bit_length() - 1)))
+
+
 def check_tensor(
     t: torch.Tensor,
     name: str,

@@ -8,13 +8,12 @@ and GGUF Q8_0 (group 32):
     scales   [N, K // group] float16/float32
     offsets  [N, K // group] same dtype, or None:   w[n, k] = q[n, k] * scales[n, g] + offsets[n, g],  g = k // group
 
-Both kernels sum q * x over a group before scaling (sum_k (q s + o) x = s sum_k q x + o sum_k x), so no
-element is ever dequantized: a group costs one multiply-add per output instead of one per weight.
-
-    quant_gemv  small batches (decode): each program owns BLOCK_N output rows for BLOCK_M <= 8 inputs and
-                streams its rows of the weight once, so at batch 1 every weight byte is read exactly once.
-    quant_mm    larger batches: [BLOCK_M, BLOCK_N] tiles, each group a tensor-core dot of x against the raw
-                integers (exact in bf16/fp16), scaled in float32 after the dot.
+    quant_gemv  small batches (decode): each program owns BLOCK_N output rows and streams them once for all
+                BLOCK_M <= 8 inputs, so at batch 1 every weight byte is read exactly once. It sums q * x per
+                group before scaling (sum_k (q s + o) x = s sum_k q x + o sum_k x): one multiply-add per
+                weight, with CUDA cores, whose rate is what bounds a 4-bit GEMV once loads are wide.
+    quant_mm    larger batches: [BLOCK_M, BLOCK_N] tiles; each K step dequantizes a [BLOCK_N, BLOCK_K] weight
+                tile in registers (shared by all BLOCK_M rows) and runs one tensor-core dot.
     dequantize  the weight in the activation dtype, for the dequantize + cuBLAS GEMM fallback at large batch.
 """
 
@@ -24,33 +23,47 @@ import torch
 import triton
 import triton.language as tl
 
-from stageserve.kernels._common import FLOAT_DTYPES, check_launch_device, check_tensor, dot_flags, interpreting, mma, next_pow2
+from stageserve.kernels._common import (
+    FLOAT_DTYPES,
+    check_launch_device,
+    check_tensor,
+    dot_flags,
+    gemv_block_n,
+    interpreting,
+    mma,
+    next_pow2,
+    num_sms,
+)
 from stageserve.kernels.quant_ref import dequantize_ref, pack_int4, quant_matmul_ref, unpack_int4  # noqa: F401 (re-exported)
 
 SCALE_DTYPES = (torch.float16, torch.float32)
-GEMV_MAX_M = 8  # the 4-D register tile of quant_gemv grows with BLOCK_M; past this quant_mm is the better kernel
+GEMV_MAX_M = 8  # quant_gemv unrolls its rows and does M multiply-adds per weight; past this quant_mm's dots win
 
 
 # -- kernels ------------------------------------------------------------------------------------------
-
-# Triton 3.9's interpreter converts integers to bfloat16 by reinterpreting bits; going through float32
-# there gives the GPU's (exact) conversion. Fixed at import, like TRITON_INTERPRET itself.
-_INTERPRET = tl.constexpr(interpreting())
+#
+# Every kernel reads the codes as int32 words (8 nibbles or 4 bytes; the byte layout above makes code i of
+# word j element PER * j + i) and turns them into float32 with bit operations instead of int-to-float
+# conversions, which run at a sixteenth of the FMA rate on Hopper:
+#   4-bit: bits(0x4B000000 | q)          = 2**23 + q          -> subtract 2**23
+#   8-bit: bits(0x4B000080 ^ (q & 0xFF)) = 2**23 + (q + 128)  -> subtract 2**23 + 128   (q two's complement)
+# Both subtractions are exact, so every code becomes exactly its integer value.
 
 
 @triton.jit
-def _int_to(q, dtype: tl.constexpr):
-    """Small integers to a float dtype (exact: |q| <= 128)."""
-    if _INTERPRET:
-        return q.to(tl.float32).to(dtype)
+def _codes(words, shifts, BITS: tl.constexpr):
+    """int32 words [..., 1] shifted by [..., PER] -> float32 codes [..., PER] (exact integers)."""
+    v = (words >> shifts) & ((1 << BITS) - 1)
+    if BITS == 4:
+        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     else:
-        return q.to(dtype)
+        return (v ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
 
 @triton.jit
 def _quant_gemv_kernel(
     x_ptr,  # [M, K]
-    w_ptr,  # [N, K // PACK]
+    w_ptr,  # [N, K // PER] int32 words
     s_ptr,  # [N, K // GROUP] (or [N, 1] with PER_CHANNEL)
     o_ptr,  # same as s, read only with HAS_OFFSET
     out_ptr,  # [M, N]
@@ -61,55 +74,74 @@ def _quant_gemv_kernel(
     PER_CHANNEL: tl.constexpr,  # one scale per row, applied after the whole K loop
     HAS_OFFSET: tl.constexpr,
     GROUPS: tl.constexpr,  # groups per K step
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # input rows per program, unrolled: each weight tile is unpacked once for all
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    PACK: tl.constexpr = 8 // BITS
-    COLS: tl.constexpr = GROUP // PACK  # bytes of one row in one group
+    PER: tl.constexpr = 32 // BITS  # codes per word
+    WPG: tl.constexpr = GROUP // PER  # words per group
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_ok, m_ok = rn < N, rm < M
-    gs = tl.arange(0, GROUPS)
-    cs = tl.arange(0, COLS)
-    num_groups = K // GROUP
+    m0 = tl.program_id(1) * BLOCK_M
+    n_ok = rn < N
     rn64 = rn.to(tl.int64)
+    gs = tl.arange(0, GROUPS)
+    js = tl.arange(0, WPG)
+    ps = tl.arange(0, PER)
+    shifts = (ps * BITS)[None, None, None, :]
+    rows = tl.arange(0, BLOCK_M)
+    num_groups = K // GROUP
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g0 in range(0, num_groups, GROUPS):
         g = g0 + gs  # [GROUPS]
         g_ok = g < num_groups
-        byte = g[:, None] * COLS + cs[None, :]  # [GROUPS, COLS]
+        word = g[:, None] * WPG + js[None, :]  # [GROUPS, WPG]
         w = tl.load(
-            w_ptr + rn64[:, None, None] * stride_wn + byte[None, :, :],
+            w_ptr + rn64[:, None, None] * stride_wn + word[None, :, :],
             mask=n_ok[:, None, None] & g_ok[None, :, None], other=0,
-        )  # [BLOCK_N, GROUPS, COLS]
-        k = g[:, None] * GROUP + cs[None, :] * PACK  # [GROUPS, COLS]: first element of each byte
-        x_mask = m_ok[:, None, None] & g_ok[None, :, None]
-        x_at = x_ptr + rm[:, None, None] * stride_xm + k[None, :, :]
-        xa = tl.load(x_at, mask=x_mask, other=0.0).to(tl.float32)  # [BLOCK_M, GROUPS, COLS]
-        if BITS == 4:
-            xb = tl.load(x_at + 1, mask=x_mask, other=0.0).to(tl.float32)
-            lo = (w & 0xF).to(tl.float32)
-            hi = (w >> 4).to(tl.float32)
-            part = tl.sum(xa[:, None, :, :] * lo[None, :, :, :] + xb[:, None, :, :] * hi[None, :, :, :], axis=3)
-            xsum = tl.sum(xa + xb, axis=2)  # [BLOCK_M, GROUPS]
-        else:
-            part = tl.sum(xa[:, None, :, :] * w.to(tl.float32)[None, :, :, :], axis=3)
-            xsum = tl.sum(xa, axis=2)
-        # part: [BLOCK_M, BLOCK_N, GROUPS], sums of q * x per group
-        if PER_CHANNEL:
-            acc += tl.sum(part, axis=2)
-        else:
+        )  # [BLOCK_N, GROUPS, WPG]
+        q = _codes(w[:, :, :, None], shifts, BITS)  # [BLOCK_N, GROUPS, WPG, PER]
+        k = word[:, :, None] * PER + ps[None, None, :]  # [GROUPS, WPG, PER]
+        if not PER_CHANNEL:
             sg_mask = n_ok[:, None] & g_ok[None, :]
             s = tl.load(s_ptr + rn64[:, None] * stride_sn + g[None, :], mask=sg_mask, other=0.0).to(tl.float32)
-            scaled = part * s[None, :, :]  # [BLOCK_M, BLOCK_N, GROUPS]
             if HAS_OFFSET:
                 o = tl.load(o_ptr + rn64[:, None] * stride_sn + g[None, :], mask=sg_mask, other=0.0).to(tl.float32)
-                scaled += xsum[:, None, :] * o[None, :, :]
-            acc += tl.sum(scaled, axis=2)
+        for i in tl.static_range(BLOCK_M):
+            m = tl.minimum(m0 + i, M - 1)  # rows past M recompute row M - 1; the store skips them
+            x = tl.load(x_ptr + m * stride_xm + k, mask=g_ok[:, None, None], other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(q * x[None, :, :, :], axis=3), axis=2)  # [BLOCK_N, GROUPS]: sums of q * x
+            if PER_CHANNEL:
+                row = tl.sum(part, axis=1)
+            else:
+                scaled = part * s
+                if HAS_OFFSET:
+                    scaled += o * tl.sum(tl.sum(x, axis=2), axis=1)[None, :]
+                row = tl.sum(scaled, axis=1)  # [BLOCK_N]
+            acc += tl.where(rows[:, None] == i, row[None, :], 0.0)
     if PER_CHANNEL:
         acc *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    rm = m0 + rows
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, o_ptr, rn64, n_ok, k0, stride_wn, stride_sn,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Rows rn of the weight, elements k0 .. k0 + BLOCK_K, dequantized: float32 [BLOCK_N, BLOCK_K / PER, PER]
+    (without the per-channel scale, which the callers apply to their results)."""
+    PER: tl.constexpr = 32 // BITS
+    js = tl.arange(0, BLOCK_K // PER)
+    ps = tl.arange(0, PER)
+    w = tl.load(w_ptr + rn64[:, None] * stride_wn + (k0 // PER + js)[None, :], mask=n_ok[:, None], other=0)
+    q = _codes(w[:, :, None], (ps * BITS)[None, None, :], BITS)  # [BLOCK_N, BLOCK_K / PER, PER]
+    if not PER_CHANNEL:
+        g = (k0 + js * PER) // GROUP  # each word lies in one group
+        at = rn64[:, None] * stride_sn + g[None, :]
+        q = q * tl.load(s_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+        if HAS_OFFSET:
+            q += tl.load(o_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+    return q
 
 
 @triton.jit
@@ -118,40 +150,22 @@ def _quant_mm_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
-    PACK: tl.constexpr = 8 // BITS
-    COLS: tl.constexpr = GROUP // PACK
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
-    cs = tl.arange(0, COLS)
     rn64 = rn.to(tl.int64)
-    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-    w_rows = w_ptr + rn64[:, None] * stride_wn
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     dot_dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(0, K // GROUP):
-        w = tl.load(w_rows + g * COLS + cs[None, :], mask=n_ok[:, None], other=0)  # [BLOCK_N, COLS]
-        k = g * GROUP + cs[None, :] * PACK
-        xa = tl.load(x_rows + k, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, COLS]
-        if BITS == 4:  # integers 0..15 are exact in any float dtype, so the dot is exact up to accumulation
-            xb = tl.load(x_rows + k + 1, mask=m_ok[:, None], other=0.0)
-            part = mma(xa, tl.trans(_int_to(w & 0xF, dot_dtype)), DOT_PRECISION, DOT_UPCAST)
-            part += mma(xb, tl.trans(_int_to(w >> 4, dot_dtype)), DOT_PRECISION, DOT_UPCAST)
-            xsum = tl.sum(xa.to(tl.float32) + xb.to(tl.float32), axis=1)
-        else:
-            part = mma(xa, tl.trans(_int_to(w, dot_dtype)), DOT_PRECISION, DOT_UPCAST)
-            xsum = tl.sum(xa.to(tl.float32), axis=1)
-        if PER_CHANNEL:
-            acc += part
-        else:
-            s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            acc += part * s[None, :]
-            if HAS_OFFSET:
-                o = tl.load(o_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-                acc += xsum[:, None] * o[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        w = _dequant_tile(w_ptr, s_ptr, o_ptr, rn64, n_ok, k0, stride_wn, stride_sn,
+                          BITS, GROUP, PER_CHANNEL, HAS_OFFSET, BLOCK_N, BLOCK_K)  # fmt: skip
+        w = tl.reshape(w.to(dot_dtype), [BLOCK_N, BLOCK_K])
+        x = tl.load(x_rows + k0, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+        acc += mma(x, tl.trans(w), DOT_PRECISION, DOT_UPCAST)
     if PER_CHANNEL:
         acc *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
@@ -164,30 +178,19 @@ def _dequantize_kernel(
     N, K,
     stride_wn, stride_sn, stride_on,
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    PACK: tl.constexpr = 8 // BITS
-    COLS: tl.constexpr = GROUP // PACK
+    PER: tl.constexpr = 32 // BITS
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = tl.program_id(1)
+    k0 = tl.program_id(1) * BLOCK_K
     n_ok = rn < N
     rn64 = rn.to(tl.int64)
-    cs = tl.arange(0, COLS)
-    w = tl.load(w_ptr + rn64[:, None] * stride_wn + g * COLS + cs[None, :], mask=n_ok[:, None], other=0)
-    if PER_CHANNEL:  # one scale column
-        s = tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    else:
-        s = tl.load(s_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    o = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
-    if HAS_OFFSET:
-        o = tl.load(o_ptr + rn64 * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    dst = out_ptr + rn64[:, None] * stride_on + g * GROUP + cs[None, :] * PACK
-    dtype = out_ptr.dtype.element_ty
-    if BITS == 4:
-        tl.store(dst, ((w & 0xF).to(tl.float32) * s + o).to(dtype), mask=n_ok[:, None])
-        tl.store(dst + 1, ((w >> 4).to(tl.float32) * s + o).to(dtype), mask=n_ok[:, None])
-    else:
-        tl.store(dst, (w.to(tl.float32) * s + o).to(dtype), mask=n_ok[:, None])
+    w = _dequant_tile(w_ptr, s_ptr, o_ptr, rn64, n_ok, k0, stride_wn, stride_sn,
+                      BITS, GROUP, PER_CHANNEL, HAS_OFFSET, BLOCK_N, BLOCK_K)  # fmt: skip
+    if PER_CHANNEL:
+        w *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None, None]
+    k = k0 + tl.arange(0, BLOCK_K // PER)[:, None] * PER + tl.arange(0, PER)[None, :]  # [BLOCK_K / PER, PER]
+    tl.store(out_ptr + rn64[:, None, None] * stride_on + k[None, :, :], w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None, None])
 
 
 # -- wrappers -----------------------------------------------------------------------------------------
@@ -233,6 +236,11 @@ def _prepare(x, qweight, scales, offsets, bits, out):
     return m, n, k, _k_tile(k, group, per_channel), per_channel, out
 
 
+def _words(qweight: torch.Tensor) -> torch.Tensor:
+    """The codes as int32 words (8 nibbles or 4 bytes each): the kernels' loads are then 4-16 bytes wide."""
+    return qweight.view(torch.int32)
+
+
 def quant_gemv(
     x: torch.Tensor,  # [M, K], M <= GEMV_MAX_M
     qweight: torch.Tensor,  # [N, K // 2] uint8 (4-bit) or [N, K] int8
@@ -241,26 +249,33 @@ def quant_gemv(
     bits: int,
     *,
     block_n: int | None = None,
+    tile_words: int | None = None,  # words of weight per program per K step (all its rows)
+    block_m: int | None = None,
+    num_warps: int | None = None,
     out: torch.Tensor | None = None,  # [M, N]
 ) -> torch.Tensor:  # [M, N]
     m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
     assert 1 <= m <= GEMV_MAX_M, f"quant_gemv takes 1..{GEMV_MAX_M} rows, got {m}; use quant_mm"
-    block_m = next_pow2(m)
-    if block_n is None:  # few rows per program: many programs (several per SM) keep enough loads in flight
-        block_n = 16 if interpreting() else 8
-    # The 4-D product tile [BLOCK_M, BLOCK_N, GROUPS, COLS] is held near 8K elements (~64 registers a thread
-    # at 4 warps): at batch 1 and BLOCK_N 8 that is 512 bytes of each 4-bit row per K step.
-    groups = max(1, min(next_pow2(8192 // (block_m * block_n * tile)), next_pow2(k // tile)))
-    if interpreting():
-        groups = min(groups, 2)
+    if block_m is None:
+        block_m = next_pow2(m)
+    if block_n is None:
+        block_n = 4 if interpreting() else gemv_block_n(n, num_sms(x.device))
+    if tile_words is None:  # 2 KiB of weight per step at 4 warps: one 16-byte load per thread
+        tile_words = 64 if interpreting() else 512
+    wpg = tile // (32 // bits)
+    groups = max(1, min(tile_words // (block_n * wpg), next_pow2(k // tile)))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _quant_gemv_kernel[grid](
-        x, qweight, scales, scales if offsets is None else offsets, out, m, n, k,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+        x, _words(qweight), scales, scales if offsets is None else offsets, out, m, n, k,
+        x.stride(0), qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
         BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None, GROUPS=groups,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=1 if interpreting() else 4,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or (1 if interpreting() else 4),
     )  # fmt: skip
     return out
+
+
+def _block_k(k: int) -> int:
+    return next(t for t in (128, 64, 32) if k % t == 0)
 
 
 def quant_mm(
@@ -272,6 +287,9 @@ def quant_mm(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     out: torch.Tensor | None = None,  # [M, N]
 ) -> torch.Tensor:  # [M, N]
     m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
@@ -280,14 +298,18 @@ def quant_mm(
     if block_m is None:
         block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
     if block_n is None:  # small M is weight-bound: narrow tiles for more programs; large M: wider for reuse
-        block_n = 16 if interpreting() else (32 if block_m <= 32 else 64)
+        block_n = 16 if interpreting() else (64 if block_m <= 64 else 128)
+    if block_k is None:
+        block_k = 32 if interpreting() else _block_k(k)
+    assert k % block_k == 0, f"K={k} is not a multiple of block_k={block_k}"
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _quant_mm_kernel[grid](
-        x, qweight, scales, scales if offsets is None else offsets, out, m, n, k,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+        x, _words(qweight), scales, scales if offsets is None else offsets, out, m, n, k,
+        x.stride(0), qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
         BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, **dot_flags(x.dtype),
-        num_warps=1 if interpreting() else (8 if block_m >= 64 else 4), num_stages=1 if interpreting() else 3,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot_flags(x.dtype),
+        num_warps=num_warps or (1 if interpreting() else (8 if block_m >= 64 else 4)),
+        num_stages=num_stages or (1 if interpreting() else 3),
     )  # fmt: skip
     return out
 
@@ -305,10 +327,11 @@ def dequantize(
         out = torch.empty(n, k, dtype=dtype, device=qweight.device)
     check_tensor(out, "out", shape=(n, k), dtypes=(dtype,), device=qweight.device)
     assert dtype in FLOAT_DTYPES
-    block_n = 16 if interpreting() else 64
-    _dequantize_kernel[(triton.cdiv(n, block_n), k // tile)](
-        qweight, scales, scales if offsets is None else offsets, out, n, k,
-        qweight.stride(0), scales.stride(0), out.stride(0),
-        BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None, BLOCK_N=block_n,
+    block_n, block_k = (16, 32) if interpreting() else (32, _block_k(k))
+    _dequantize_kernel[(triton.cdiv(n, block_n), k // block_k)](
+        _words(qweight), scales, scales if offsets is None else offsets, out, n, k,
+        qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
+        BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return out

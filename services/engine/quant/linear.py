@@ -175,14 +175,8 @@ class PackedLinear(QuantizedLinear):
 
         m, spec, p = x.shape[0], self.spec, self.packed
         fixed = "gemv" if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else ("mm" if m <= spec.fused_max_batch else "dequant")
-        key = (*p.shape, p.bits, p.group_size, 1 << max(0, m - 1).bit_length())
-        if spec.dispatch != "tune" or torch.cuda.is_current_stream_capturing():  # never sync inside a capture
-            return spec.choices.get(key, fixed)
-        if key not in spec.choices:
-            kernels = self._kernels()
-            candidates = [k for k in kernels if k != "gemv" or m <= GEMV_MAX_M]
-            spec.choices[key] = min(candidates, key=lambda k: _time_cuda(kernels[k], x))
-        return spec.choices[key]
+        key = (*p.shape, p.bits, p.group_size, _bucket(m))
+        return _choose(spec, key, fixed, lambda: {k: f for k, f in self._kernels().items() if k != "gemv" or m <= GEMV_MAX_M}, x)
 
 
 class Fp8Linear(QuantizedLinear):
@@ -219,17 +213,51 @@ class Fp8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        xq, x_scale = quantize_fp8(x2, self.per_row)  # [M, K] e4m3, [M, 1] or [1, 1]
         if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 9):
-            out = torch._scaled_mm(
-                xq, self.weight_fp8.t(), scale_a=x_scale if self.per_row else x_scale.reshape(()),
-                scale_b=self._scale_b, out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
-            ).to(x.dtype)  # fmt: skip
+            return self._finish(self._fp8_product(x2.contiguous()), shape)
+        xq, x_scale = quantize_fp8(x2, self.per_row)  # [M, K] e4m3, [M, 1] or [1, 1]
+        if self._cpu_weight is None:
+            self._cpu_weight = self.dequantized_weight()
+        return self._finish(((xq.float() * x_scale) @ self._cpu_weight.t()).to(x.dtype), shape)
+
+    def _fp8_product(self, x: torch.Tensor) -> torch.Tensor:
+        """On FP8 tensor cores: activations quantized by one fused kernel (per token), then the GEMV for
+        decode batches or `torch._scaled_mm`, whichever `_choose` finds faster for this shape."""
+        from stageserve.kernels.fp8 import GEMV_MAX_M, fp8_gemv, quantize_rows_fp8
+
+        out_dtype = x.dtype if x.dtype != torch.float32 else torch.bfloat16
+        if self.per_row:
+            xq, x_scale = quantize_rows_fp8(x)
         else:
-            if self._cpu_weight is None:
-                self._cpu_weight = self.dequantized_weight()
-            out = ((xq.float() * x_scale) @ self._cpu_weight.t()).to(x.dtype)
-        return self._finish(out, shape)
+            xq, x_scale = quantize_fp8(x, False)
+        kernels = {
+            "scaled_mm": lambda _: torch._scaled_mm(
+                xq, self.weight_fp8.t(), scale_a=x_scale if self.per_row else x_scale.reshape(()),
+                scale_b=self._scale_b, out_dtype=out_dtype,
+            ),  # fmt: skip
+        }
+        m = x.shape[0]
+        if self.per_row and m <= GEMV_MAX_M:
+            kernels["gemv"] = lambda _: fp8_gemv(xq, x_scale, self.weight_fp8, self.weight_scale, out_dtype)
+        key = ("fp8", *self.weight_fp8.shape, self.per_row, _bucket(m))
+        fixed = "gemv" if "gemv" in kernels and m <= self.spec.gemv_max_batch else "scaled_mm"
+        return kernels[_choose(self.spec, key, fixed, lambda: kernels, x)](x).to(x.dtype)
+
+
+def _bucket(m: int) -> int:
+    """Batch rows rounded up to a power of two: layers time their kernels once per bucket."""
+    return 1 << max(0, m - 1).bit_length()
+
+
+def _choose(spec: QuantSpec, key: tuple, fixed: str, candidates, x: torch.Tensor) -> str:
+    """The kernel for this shape and batch bucket: timed once per key under dispatch "tune" (outside CUDA-graph
+    capture, where nothing may sync), else the fixed rule. `candidates()` maps names to callables of x."""
+    if spec.dispatch != "tune" or torch.cuda.is_current_stream_capturing():
+        return spec.choices.get(key, fixed)
+    if key not in spec.choices:
+        kernels = candidates()
+        spec.choices[key] = min(kernels, key=lambda k: _time_cuda(kernels[k], x))
+    return spec.choices[key]
 
 
 def _time_cuda(fn, x: torch.Tensor, iters: int = 5) -> float:
