@@ -9,9 +9,10 @@ must produce exactly the plain run's tokens (checked first, for every task and m
      with acceptance rate and mean accepted length (accepted drafts + bonus per verifying step)
   2. cost model: one draft round trip, a verify step of k+1 query tokens vs a 1-token step, and the
      speedup they predict, tokens_per_step / ((T(k+1) + D) / T(1)), against the measured one (fixed k)
-  3. throughput vs batch size (default 1 4 16 64) with adaptive k: where speculation switches off
+  3. throughput vs batch size (default 1 4 16 64) with adaptive k: where speculation switches off; on CUDA
+     with verify steps replayed from CUDA graphs and run eagerly (`--verify-graphs both`), in one process
 
-    python benchmarks/speculative.py [--device cpu|cuda] [--smoke] [--out DIR]
+    python benchmarks/speculative.py [--device cpu|cuda] [--smoke] [--verify-graphs on|off|both] [--out DIR]
 """
 
 from __future__ import annotations
@@ -118,6 +119,17 @@ def decode_run(engine, prompts, max_tokens):
     return [r.output_token_ids for r in reqs], (sum(len(r.output_token_ids) for r in reqs) - before) / elapsed
 
 
+def verify_replays(engine) -> int:
+    graphs = engine.runner.graphs
+    return graphs.verify_replays if graphs is not None else 0
+
+
+def set_verify_graphs(engine, on: bool) -> None:
+    """Replay verify steps from their CUDA graphs, or run them eagerly (the graphs stay captured)."""
+    if engine.runner.graphs is not None:
+        engine.runner.graphs.verify_enabled = on
+
+
 def spec_stats(engine) -> dict:
     c = engine.speculator.counters
     return {"acceptance_rate": round(c.acceptance_rate, 3), "mean_accepted_length": round(c.mean_accepted_length, 2),
@@ -143,11 +155,12 @@ def batch1(engine, tokenizer, drafts, base: EngineConfig, args) -> list[dict]:
             for name in runs:
                 config = dataclasses.replace(base, speculative=name, num_speculative_tokens=args.k)
                 use_draft(engine, drafts.get(name), config)
+                before = verify_replays(engine)
                 out, tps = decode_run(engine, [prompt], args.max_tokens)
                 assert out == reference, f"{task}/{name}: speculative output differs from plain greedy"
                 runs[name].append(tps)
                 if name != "none":
-                    stats[name] = spec_stats(engine)
+                    stats[name] = {**spec_stats(engine), "verify_graph_replays": verify_replays(engine) - before}
         plain = statistics.median(runs["none"])
         for name, values in runs.items():
             tps = statistics.median(values)
@@ -208,7 +221,7 @@ def cost_model(engine, tokenizer, address, base, args) -> dict:
     hit = c.verifications / max(c.draft_calls, 1)  # steps whose draft proposed something
     ratio = t[args.k] / t[0]
     predicted = (hit * tokens_per_step + (1 - hit)) / (hit * ratio + (1 - hit) + rpc / t[0])
-    return {"k": args.k, "step_1_token_ms": round(1000 * t[0], 2), f"step_{args.k + 1}_tokens_ms": round(1000 * t[args.k], 2),
+    return {"k": args.k, "verify_graphs": args.modes[0], "step_1_token_ms": round(1000 * t[0], 2), f"step_{args.k + 1}_tokens_ms": round(1000 * t[args.k], 2),
             "verify_cost_ratio": round(ratio, 3), "draft_rpc_ms": round(1000 * rpc, 3),
             "acceptance_rate": round(c.acceptance_rate, 3), "tokens_per_verify_step": round(tokens_per_step, 2),
             "draft_hit_rate": round(hit, 3), "expected_tokens_at_acceptance": round(expected_tokens(c.acceptance_rate, args.k), 2),
@@ -216,25 +229,29 @@ def cost_model(engine, tokenizer, address, base, args) -> dict:
 
 
 def batch_sweep(engine, tokenizer, address, base, args) -> list[dict]:
+    """Plain against ngram at each batch size, ngram once per verify-graph mode in `args.modes`."""
     grounded = [TASKS["summarise"], TASKS["edit-code"]]
     rows = []
     for size in args.batch_sizes:
         texts = [grounded[i % 2] + ("" if i < 2 else f"\n(copy {i})") for i in range(size)]
         prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
-        result = {}
-        for name in ("none", "ngram"):
-            config = dataclasses.replace(base, speculative=name, num_speculative_tokens=args.k, max_num_seqs=max(size, 1))
-            use_draft(engine, address if name == "ngram" else None, config)
+        plain_config = dataclasses.replace(base, num_speculative_tokens=args.k, max_num_seqs=max(size, 1))
+        use_draft(engine, None, plain_config)
+        reference, plain = decode_run(engine, prompts, args.sweep_tokens)
+        for mode in args.modes:
+            set_verify_graphs(engine, mode == "on")
+            use_draft(engine, address, dataclasses.replace(plain_config, speculative="ngram"))
+            before = verify_replays(engine)
             outs, tps = decode_run(engine, prompts, args.sweep_tokens)
-            result[name] = (outs, tps)
-        assert result["none"][0] == result["ngram"][0], f"batch {size}: speculative output differs"
-        c = engine.speculator.counters
-        steps = c.draft_calls
-        rows.append({"batch": size, "plain_tok_s": round(result["none"][1], 1), "ngram_tok_s": round(result["ngram"][1], 1),
-                     "speedup": round(result["ngram"][1] / result["none"][1], 2),
-                     "speculating": size <= base.spec_max_batch_size and steps > 0,
-                     "acceptance_rate": round(c.acceptance_rate, 3), "verifications": c.verifications})  # fmt: skip
-        print("sweep", json.dumps(rows[-1]), flush=True)
+            assert outs == reference, f"batch {size}: speculative output differs"
+            c = engine.speculator.counters
+            rows.append({"batch": size, "verify_graphs": mode, "plain_tok_s": round(plain, 1), "ngram_tok_s": round(tps, 1),
+                         "speedup": round(tps / plain, 2),
+                         "speculating": size <= base.spec_max_batch_size and c.draft_calls > 0,
+                         "acceptance_rate": round(c.acceptance_rate, 3), "verifications": c.verifications,
+                         "verify_graph_replays": verify_replays(engine) - before})  # fmt: skip
+            print("sweep", json.dumps(rows[-1]), flush=True)
+        set_verify_graphs(engine, args.modes[0] == "on")
     return rows
 
 
@@ -251,6 +268,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="engine dtype; float32 on a GPU keeps greedy identity exact")
     ap.add_argument("--skip-model", action="store_true", help="no self-draft (saves its start-up)")
     ap.add_argument("--parts", default="batch1,cost,sweep", help="which of batch1, cost, sweep to run")
+    ap.add_argument("--verify-graphs", default="both", choices=["on", "off", "both"],
+                    help="CUDA: verify steps from captured graphs, eagerly, or both (the sweep runs each; batch1 and "
+                    "cost use the first)")  # fmt: skip
     ap.add_argument("--out", default=None, help="directory for speculative.json")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
@@ -263,8 +283,15 @@ def main() -> None:
 
     base = EngineConfig(device=args.device, dtype=args.dtype, num_blocks=4096 if gpu else 2048, max_num_seqs=64,
                         spec_max_batch_size=16)
-    engine = create_engine(None, base)
+    # Built as a speculating engine so its runner captures verify graphs; each run then sets its own draft.
+    built = dataclasses.replace(base, speculative="ngram", num_speculative_tokens=args.k,
+                                spec_verify_graphs=args.verify_graphs != "off")  # fmt: skip
+    engine = create_engine(None, built, local_draft=False)
     engine.warmup()
+    graphs = engine.runner.graphs
+    has_verify_graphs = graphs is not None and any(q > 1 for _, q in graphs.captured)
+    args.modes = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}[args.verify_graphs] if has_verify_graphs else ["off"]
+    set_verify_graphs(engine, args.modes[0] == "on")
     tokenizer = load_tokenizer(default_model_path())
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -280,7 +307,9 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "threads": args.threads, "dtype": args.dtype, "k": args.k, "draft_layers": args.draft_layers, "max_tokens": args.max_tokens,
-            "rounds": args.rounds, "smoke": args.smoke, "seconds": round(time.perf_counter() - started, 1),
+            "rounds": args.rounds, "smoke": args.smoke, "verify_graph_modes": args.modes,
+            "verify_graph_shapes": sorted(s for s in graphs.captured if s[1] > 1) if graphs is not None else [],
+            "seconds": round(time.perf_counter() - started, 1),
             "command": " ".join(sys.argv)}  # fmt: skip
     print(f"# speculative decoding, {meta['device']}, {meta['date']}")
     print(f"{'task':<10} {'method':<6} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'acc.len':>8} {'draft ms':>9}")
@@ -288,9 +317,11 @@ def main() -> None:
         print(f"{r['task']:<10} {r['method']:<6} {r['decode_tok_s']:>8} {r['speedup']:>8} "
               f"{r.get('acceptance_rate', '-'):>7} {r.get('mean_accepted_length', '-'):>8} {r.get('draft_ms_per_call', '-'):>9}")  # fmt: skip
     print("cost model:", json.dumps(results["cost_model"]))
-    print(f"{'batch':>5} {'plain tok/s':>12} {'ngram tok/s':>12} {'speedup':>8} {'speculating':>12} {'accept':>7}")
+    print(f"{'batch':>5} {'graphs':>6} {'plain tok/s':>12} {'ngram tok/s':>12} {'speedup':>8} {'speculating':>12} "
+          f"{'accept':>7} {'verifs':>7} {'replays':>8}")  # fmt: skip
     for r in results["batch_sweep"]:
-        print(f"{r['batch']:>5} {r['plain_tok_s']:>12} {r['ngram_tok_s']:>12} {r['speedup']:>8} {str(r['speculating']):>12} {r['acceptance_rate']:>7}")
+        print(f"{r['batch']:>5} {r['verify_graphs']:>6} {r['plain_tok_s']:>12} {r['ngram_tok_s']:>12} {r['speedup']:>8} "
+              f"{str(r['speculating']):>12} {r['acceptance_rate']:>7} {r['verifications']:>7} {r['verify_graph_replays']:>8}")  # fmt: skip
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "speculative.json").write_text(json.dumps({"meta": meta, **results}, indent=2))

@@ -60,7 +60,9 @@ class ModelProposer:
         self.max_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                            loaded.config.max_position_embeddings)  # fmt: skip
         self.kv = KVCacheManager(config.num_blocks, config.block_size, enable_prefix_caching=False)
-        self.runner = ModelRunner(loaded.config, config, loaded.state_dict, device=device, dtype=dtype,
+        # The draft only decodes: no verify-step graphs for it, whatever the target's `speculative` says.
+        plain = dataclasses.replace(config, speculative="none")
+        self.runner = ModelRunner(loaded.config, plain, loaded.state_dict, device=device, dtype=dtype,
                                   max_model_len=self.max_len)  # fmt: skip
         self.vocab_size = loaded.config.vocab_size
         self.stats = DraftStats()

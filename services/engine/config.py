@@ -135,17 +135,23 @@ class EngineConfig:
         default=4, metadata={"help": "most draft tokens verified per sequence per step (k)", "min": 1, "max": 16}
     )
     spec_adaptive: bool = field(
-        default=True, metadata={"help": "choose k per sequence from its acceptance and measured step costs"}
+        default=True,
+        metadata={"help": "choose k per step from the sequences' acceptance and measured step costs; off: always k"},
     )
     spec_max_batch_size: int = field(
         default=16, metadata={"help": "no speculation when more sequences than this are running", "min": 1}
     )
     spec_probe_interval: int = field(
-        default=16, metadata={"help": "steps before a sequence that stopped speculating tries again", "min": 1}
+        default=16, metadata={"help": "steps before a batch that stopped speculating tries again", "min": 1}
     )
     spec_prior_token_cost: float = field(
         default=0.1, metadata={"help": "assumed cost of one extra query token vs a 1-token step, until measured",
                                "min": 0.0}
+    )  # fmt: skip
+    spec_verify_graphs: bool = field(
+        default=True,
+        metadata={"help": "CUDA only: also capture graphs of verify steps (every batch bucket up to spec_max_batch_size "
+                  "x query length 2..k+1, at most 8); off: verify steps run eagerly, saving capture time and memory"},
     )  # fmt: skip
     spec_draft_layers: int = field(
         default=8, metadata={"help": "in-process self-draft (speculative=model): the target's first N layers", "min": 1}

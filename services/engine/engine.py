@@ -20,7 +20,7 @@ from stageserve.engine.loader.weights import LoadedModel, load_model
 from stageserve.engine.parallel.launch import leader_rank, start_tensor_parallel
 from stageserve.engine.request import Request, RequestStatus
 from stageserve.engine.runner import ModelRunner, resolve_device, resolve_dtype
-from stageserve.engine.scheduler import Scheduler
+from stageserve.engine.scheduler import Scheduler, SchedulerOutput
 from stageserve.engine.speculative import DraftClient, Speculator
 from stageserve.sample.params import SamplingParams
 from stageserve.sample.rejection import verify_by_match
@@ -278,10 +278,11 @@ class LLMEngine:
         self.counters.preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
+        shape = _decode_shape(sched) if self.speculator is not None else None
         start = time.perf_counter()
         sampled = self.runner.execute(sched, self._layer_hook(sched))
-        if self.speculator is not None:
-            self.speculator.observe_step(sched.num_batched_tokens, time.perf_counter() - start)
+        if shape is not None:
+            self.speculator.observe_step(*shape, time.perf_counter() - start)
         self.counters.steps += 1
         self.counters.computed_tokens += sched.num_batched_tokens
         outputs = []
@@ -401,6 +402,14 @@ class LLMEngine:
         while request_id in self.requests:
             self.step()
         self.runner.capture_graphs()
+
+
+def _decode_shape(sched: SchedulerOutput) -> tuple[int, int] | None:
+    """(sequences, longest query run) of a step in which every sequence decodes or verifies drafts;
+    None for a step with prompt tokens, whose time says nothing about decode."""
+    if any(s.request.num_computed_tokens != s.request.num_tokens - 1 for s in sched.scheduled):
+        return None
+    return len(sched.scheduled), max(s.num_new_tokens for s in sched.scheduled)
 
 
 def _calibration_tokens(loaded: LoadedModel, config: EngineConfig) -> list[int] | None:

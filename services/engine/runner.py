@@ -15,7 +15,7 @@ import torch
 
 from stageserve.engine.attention import FP8_KV_DTYPE, AttentionBackend, AttentionMetadata, TorchAttention
 from stageserve.engine.config import EngineConfig, ModelConfig
-from stageserve.engine.cuda_graphs import CudaGraphRunner
+from stageserve.engine.cuda_graphs import CudaGraphRunner, max_query_len, pad_to_uniform_query
 from stageserve.engine.model import LlamaModel
 from stageserve.engine.ops import TorchOps, TritonOps
 from stageserve.engine.quant.linear import QuantSpec
@@ -78,9 +78,15 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None
         if device.type == "cuda" and engine_config.cuda_graphs and ops is TritonOps:
             max_len = max_model_len or model_config.max_position_embeddings
+            max_batch = min(engine_config.max_graph_batch_size, engine_config.max_num_seqs)
+            verify_batch, verify_query_len = 0, 1
+            if engine_config.speculative != "none" and engine_config.spec_verify_graphs:
+                verify_batch = min(engine_config.spec_max_batch_size, max_batch)
+                group = model_config.num_heads // model_config.num_kv_heads
+                verify_query_len = min(engine_config.num_speculative_tokens + 1, backend.max_uniform_query_len(group))
             self.graphs = CudaGraphRunner(
-                self.model, self.kv_caches, min(engine_config.max_graph_batch_size, engine_config.max_num_seqs),
-                -(-max_len // engine_config.block_size), max_len,
+                self.model, self.kv_caches, max_batch, -(-max_len // engine_config.block_size), max_len,
+                verify_batch=verify_batch, max_verify_query_len=verify_query_len,
             )
 
     def capture_graphs(self) -> None:
@@ -140,15 +146,14 @@ class ModelRunner:
         Depends on nothing but its arguments, so tensor-parallel ranks given the same inputs take the
         same path (graph or eager) and issue the same collectives.
         """
-        num_seqs = len(host.seq_lens_host)
-        decode_only = host.query_start_loc[-1] == num_seqs
-        if decode_only and self.graphs is not None and self.graphs.can_run(num_seqs, host.block_tables.shape[1]):
-            logits = self.graphs.run(host.input_ids, host.positions, host.slots, host.block_tables, host.seq_lens)
-            if not sample_rows:
-                return None
-            if len(sample_rows) < num_seqs:  # a one-token prefill chunk samples nothing; rows are seqs here
-                logits = logits[torch.tensor(sample_rows, device=self.device)]
-            return logits
+        graphs, num_seqs = self.graphs, len(host.seq_lens_host)
+        q = max_query_len(host.query_start_loc)
+        if graphs is not None and on_layer is None and graphs.can_run(num_seqs, q, host.block_tables.shape[1]):
+            # Decode and verify steps; a prompt chunk of <= q tokens too, whose attention is the same.
+            batch = pad_to_uniform_query(host, sample_rows, self.config.block_size, graphs.max_blocks, graphs.max_model_len)
+            if batch is not None:
+                logits = graphs.run(batch)
+                return logits if sample_rows else None
         meta = host.to_device(self.device)
         hidden = self.model(meta.input_ids, meta.positions, self.kv_caches, meta.attention, on_layer)  # [num_tokens, hidden]
         if not sample_rows:

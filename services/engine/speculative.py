@@ -12,21 +12,23 @@ Life of a sequence in the speculator:
 The draft itself sits behind `DraftClient`: in-process proposers for `generate --local`, the Draft
 service over gRPC for the decode stage. Nothing here imports grpc.
 
-Choosing k (`adaptive`): a sequence's per-token acceptance a is estimated from its recent
-verifications (each accepts m of k: m successes, one failure unless m == k, decayed). Proposing k
-tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens per step (Leviathan et al. 2023), discounted by
-how often the draft proposes anything at all. The cost of that step, relative to a plain one, is
-T(B + k) / T(B) + D / T(B), where T(n) is the measured time of a step of n query tokens and D the
-measured draft round trip. The k in [0, K] with the best E(k) / cost wins; k = 0 means no speculation
-(no draft call at all when every sequence picks 0). A sequence that stopped speculating probes with
-k = 1 after `probe_interval` steps so its estimate can recover, and waits twice as long after each
-probe that finds nothing (up to 16x), so a hopeless draft costs next to nothing. Above `max_batch_size` running sequences,
-decode is no longer memory-bound and nobody speculates.
+Choosing k (`adaptive`), once per step for the whole batch: a sequence's per-token acceptance a is
+estimated from its recent verifications (each accepts m of k: m successes, one failure unless m == k,
+decayed). Proposing k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens (Leviathan et al. 2023),
+discounted by how often the draft proposes anything at all. A step's cost depends on its shape (B
+sequences, Q query tokens each: verify steps are padded to their longest run and replay a CUDA graph of
+that shape where one exists), so for each step-wide k in [1, K] the batch's expected tokens
+sum_i E_i / (T(B, k + 1) + D) are compared with a plain step's B / T(B, 1); T is measured per shape
+(`StepCostModel`) and D is the measured draft round trip. The best k wins; k = 0 means no speculation
+(no draft call at all). Each sequence brings at most the drafts its acceptance makes useful (it pads
+anyway). When nobody speculates, the batch probes with k = 1 after `probe_interval` steps so the
+estimates can recover, and waits twice as long after each probe that finds nothing (up to 16x), so a
+hopeless draft costs next to nothing; no probes at all where even an always-right draft could not pay.
+Above `max_batch_size` running sequences, decode is no longer memory-bound and nobody speculates.
 """
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,56 +63,74 @@ class SpeculativeConfig:
     """The engine's speculation knobs (EngineConfig's spec_* fields)."""
 
     num_speculative_tokens: int = 4  # K: the most draft tokens per sequence per step
-    adaptive: bool = True  # choose k per sequence from acceptance and measured costs; else always K
+    adaptive: bool = True  # choose k per step from acceptance and measured step costs; else always K
     max_batch_size: int = 16  # more running sequences than this: no speculation
     probe_interval: int = 16  # steps between probes of a sequence whose k dropped to 0
     prior_token_cost: float = 0.1  # cost of one extra query token relative to a 1-token step, until measured
 
 
 class StepCostModel:
-    """Measured wall time of a step by its number of query tokens: a decayed mean per size, interpolated.
+    """Measured wall time of decode and verify steps by shape: (sequences B, query tokens per sequence Q).
 
-    Only steps that speculate or decode add samples, so sizes are those decode actually runs.
+    A decayed mean per measured shape. An unmeasured verify shape (Q > 1) is estimated only once the plain
+    step of its batch size is measured, by the largest of three lower bounds, so that it is never thought
+    cheaper than what was measured:
+
+        the prior: T(B, 1) * f(Q), f(Q) = 1 + prior_token_cost * (Q - 1)
+        any measured verify step it dominates: T(b, q) for b <= B, q <= Q (a larger step is no faster)
+        any measured verify step's cost over its plain step, carried over: T(B, 1) * T(b, q) / T(b, 1) *
+            f(Q) / f(q) (verify steps take the same path, graph or eager, at every batch size)
     """
 
     def __init__(self, prior_token_cost: float, decay: float = 0.9):
         self.prior_token_cost = prior_token_cost
         self.decay = decay
-        self.sizes: list[int] = []  # sorted
-        self.times: dict[int, float] = {}
+        self.times: dict[tuple[int, int], float] = {}
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens not in self.times:
-            bisect.insort(self.sizes, num_tokens)
-            self.times[num_tokens] = seconds
-        else:
-            self.times[num_tokens] = self.decay * self.times[num_tokens] + (1 - self.decay) * seconds
+    def observe(self, batch: int, query_len: int, seconds: float) -> None:
+        shape = (batch, query_len)
+        old = self.times.get(shape)
+        self.times[shape] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
-    def measured(self, num_tokens: int) -> bool:
-        return num_tokens in self.times
+    def measured(self, batch: int, query_len: int) -> bool:
+        return (batch, query_len) in self.times
 
-    def time(self, num_tokens: int) -> float | None:
-        """Interpolated step time for `num_tokens`; None before any sample."""
-        if not self.sizes:
+    def time(self, batch: int, query_len: int) -> float | None:
+        """Step time of this shape, measured or estimated; None while T(batch, 1) is unmeasured."""
+        if query_len == 1 or (batch, query_len) in self.times:
+            return self.times.get((batch, query_len))
+        times = self.step_times(batch, query_len)
+        return times[-1] if times is not None else None
+
+    def step_times(self, batch: int, max_query_len: int) -> list[float] | None:
+        """[T(batch, 1), ..., T(batch, max_query_len)] in one pass over the samples (a plan asks for every
+        length); None while T(batch, 1) is unmeasured."""
+        plain = self.times.get((batch, 1))
+        if plain is None:
             return None
-        i = bisect.bisect_left(self.sizes, num_tokens)
-        if i < len(self.sizes) and self.sizes[i] == num_tokens:
-            return self.times[num_tokens]
-        if 0 < i < len(self.sizes):
-            lo, hi = self.sizes[i - 1], self.sizes[i]
-            w = (num_tokens - lo) / (hi - lo)
-            return (1 - w) * self.times[lo] + w * self.times[hi]
-        nearest = self.sizes[min(i, len(self.sizes) - 1)]
-        # Outside the measured range: scale the nearest sample by the prior per-token cost.
-        base = self.times[nearest] / (1 + self.prior_token_cost * (nearest - 1))
-        return base * (1 + self.prior_token_cost * (num_tokens - 1))
+        scale = self._prior_factor
+        ratio = 1.0  # the largest measured verify-over-plain cost, per prior factor (1: the prior itself)
+        dominated = [0.0] * (max_query_len + 1)  # by query length: the slowest measured step of <= batch
+        for (b, q), t in self.times.items():
+            if q == 1:
+                continue
+            base = self.times.get((b, 1))
+            if base:
+                ratio = max(ratio, t / base / scale(q))
+            if b <= batch and q <= max_query_len:
+                dominated[q] = max(dominated[q], t)
+        times, floor = [], 0.0
+        for q in range(1, max_query_len + 1):
+            floor = max(floor, dominated[q])
+            measured = self.times.get((batch, q))
+            times.append(measured if measured is not None else max(plain * ratio * scale(q), floor))
+        return times
 
-    def ratio(self, base_tokens: int, extra_tokens: int) -> float:
-        """T(base + extra) / T(base), from the prior until both sizes can be estimated."""
-        t0, t1 = self.time(base_tokens), self.time(base_tokens + extra_tokens)
-        if t0 is None or t1 is None or t0 <= 0:
-            return 1 + self.prior_token_cost * extra_tokens / max(base_tokens, 1)
-        return max(t1 / t0, 1.0)
+    def _prior_factor(self, query_len: int) -> float:
+        return 1 + self.prior_token_cost * (query_len - 1)
+
+
+MIN_DRAFT_GAIN = 0.05  # expected accepted tokens below which a sequence proposes no further draft
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -128,8 +148,6 @@ class _SeqState:
     failures: float = 1.0  # decayed rejections
     hits: float = 1.0  # decayed calls that proposed something
     calls: float = 1.0
-    steps_off: int = 0
-    probe_after: int = 0  # steps off before the next probe; doubles while probes find nothing worth it
 
     @property
     def acceptance(self) -> float:
@@ -138,6 +156,19 @@ class _SeqState:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.calls
+
+    def gain(self, k: int) -> float:
+        """Expected extra tokens from verifying k drafts (beyond the one a plain step yields)."""
+        return self.hit_rate * (expected_tokens(self.acceptance, k) - 1) if k > 0 else 0.0
+
+    def useful_drafts(self, limit: int) -> int:
+        """Drafts worth proposing: the j-th adds hit_rate * a^j expected tokens; at least one, so the
+        estimate keeps learning while the batch speculates."""
+        a, h = self.acceptance, self.hit_rate
+        k = 1
+        while k < limit and h * a ** (k + 1) >= MIN_DRAFT_GAIN:
+            k += 1
+        return k
 
 
 @dataclass
@@ -171,6 +202,8 @@ class Speculator:
         self.costs = StepCostModel(config.prior_token_cost)
         self.draft_time: float | None = None  # decayed mean seconds of one proposal round
         self.seqs: dict[str, _SeqState] = {}
+        self.steps_off = 0  # steps nobody speculated though a good draft could have paid
+        self.probe_after = 0  # steps off before the next probe; doubles while probes find nothing worth it
         self.counters = SpecCounters()
 
     def plan(self, running: list[Request], max_model_len: int) -> None:
@@ -180,11 +213,13 @@ class Speculator:
         eligible = [r for r in running if _is_decoding(r)]
         if not eligible or len(running) > self.config.max_batch_size:
             return
+        states = [self.seqs.setdefault(r.request_id, _SeqState()) for r in eligible]
+        rooms = [
+            max(0, min(r.sampling_params.max_tokens - len(r.output_token_ids) - 1, max_model_len - r.num_tokens))
+            for r in eligible
+        ]  # fmt: skip
         calls, targets = [], []
-        for r in eligible:
-            state = self.seqs.setdefault(r.request_id, _SeqState())
-            room = min(r.sampling_params.max_tokens - len(r.output_token_ids) - 1, max_model_len - r.num_tokens)
-            k = min(self._choose_k(state, len(running)), room)
+        for r, state, k in zip(eligible, states, self._choose_ks(states, rooms, len(running)), strict=True):
             if k <= 0:
                 continue
             tokens = r.token_slice(state.num_sent, r.num_tokens)
@@ -208,43 +243,54 @@ class Speculator:
             state.hits = self.DECAY * state.hits + (1 if proposal else 0)
             r.spec_token_ids = [t for t in proposal[: call.k]]
 
-    def _choose_k(self, state: _SeqState, batch: int) -> int:
+    def _choose_ks(self, states: list[_SeqState], rooms: list[int], batch: int) -> list[int]:
+        """Drafts per eligible sequence this step: the step-wide k with the best predicted throughput,
+        each sequence capped by its room and its useful drafts; all 0 when no k beats a plain step."""
         max_k = self.config.num_speculative_tokens
         if not self.config.adaptive:
-            return max_k
-        if not self.costs.measured(batch):
+            return [min(max_k, room) for room in rooms]
+        none = [0] * len(states)
+        times = self.costs.step_times(batch, max_k + 1)  # times[q - 1]: a step of q query tokens each
+        if times is None:
             # Every speedup is relative to a plain step at this batch size, so run one first. Guessing it
-            # from verify steps with the prior per-token cost overrates it badly where plain steps replay a
-            # CUDA graph and verify steps run eagerly (an H200: ~1 ms against ~8 ms).
-            return 0
-        base = self.costs.time(batch)
-        draft = (self.draft_time or 0.0) / base if base else 0.0
-        best_k, best = 0, 1.0
+            # from verify steps overrates it badly where plain steps replay a CUDA graph and verify steps
+            # run eagerly (an H200: ~1 ms against ~8 ms).
+            return none
+        draft = self.draft_time or 0.0
+        useful = [s.useful_drafts(max_k) for s in states]
+        best_ks, best = None, batch / times[0]  # tokens per second of a plain step
         for k in range(1, max_k + 1):
-            gain = 1 + state.hit_rate * (expected_tokens(state.acceptance, k) - 1)
-            speedup = gain / (self.costs.ratio(batch, k) + draft)
-            if speedup > best:
-                best_k, best = k, speedup
-        if best_k == 0:
-            if not self._could_pay(batch, draft):
-                return 0  # not even a draft that is always right would pay here: no probes either
-            state.steps_off += 1
-            state.probe_after = state.probe_after or self.config.probe_interval
-            if state.steps_off >= state.probe_after:  # look again: the text may have changed
-                state.steps_off = 0
-                state.probe_after = min(2 * state.probe_after, 16 * self.config.probe_interval)
-                return 1
-        else:
-            state.steps_off, state.probe_after = 0, 0
-        return best_k
+            ks = [min(k, room, u) for room, u in zip(rooms, useful)]
+            longest = max(ks)
+            if longest < k:  # the same step as a smaller k
+                break
+            tokens = batch + sum(s.gain(kk) for s, kk in zip(states, ks))
+            throughput = tokens / (times[longest] + draft)
+            if throughput > best:
+                best_ks, best = ks, throughput
+        if best_ks is not None:
+            self.steps_off, self.probe_after = 0, 0
+            return best_ks
+        if not self._could_pay(batch, sum(1 for room in rooms if room > 0), times, draft):
+            return none  # not even a draft that is always right would pay here: no probes either
+        self.steps_off += 1
+        self.probe_after = self.probe_after or self.config.probe_interval
+        if self.steps_off < self.probe_after:
+            return none
+        self.steps_off = 0  # look again: the text may have changed
+        self.probe_after = min(2 * self.probe_after, 16 * self.config.probe_interval)
+        return [min(1, room) for room in rooms]
 
-    def _could_pay(self, batch: int, draft: float) -> bool:
-        """Whether some k would speed up a sequence whose drafts are all accepted, at this batch size."""
-        k_max = self.config.num_speculative_tokens
-        return any((k + 1) / (self.costs.ratio(batch, k) + draft) > 1.0 for k in range(1, k_max + 1))
+    def _could_pay(self, batch: int, num_drafting: int, times: list[float], draft: float) -> bool:
+        """Whether some k would beat a plain step if every draft of `num_drafting` sequences were accepted."""
+        return any(
+            (batch + num_drafting * k) / (times[k] + draft) > batch / times[0]
+            for k in range(1, self.config.num_speculative_tokens + 1)
+        )
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        self.costs.observe(num_tokens, seconds)
+    def observe_step(self, num_seqs: int, query_len: int, seconds: float) -> None:
+        """The wall time of a decode or verify step of `num_seqs` sequences, each padded to `query_len` tokens."""
+        self.costs.observe(num_seqs, query_len, seconds)
 
     def observe(self, request: Request, num_proposed: int, num_accepted: int) -> None:
         """A verification of `num_proposed` draft tokens accepted the first `num_accepted`."""

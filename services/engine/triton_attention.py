@@ -29,6 +29,11 @@ class TritonAttention(AttentionBackend):
     def __init__(self, *, max_decode_query_len: int = 8):
         self.max_decode_query_len = max_decode_query_len
 
+    def max_uniform_query_len(self, group: int) -> int:
+        """The longest query run per sequence that `paged_decode_attention` takes at this GQA group size
+        (a CUDA graph of such steps needs no host copy of the query starts; see `CudaGraphRunner`)."""
+        return min(self.max_decode_query_len, MAX_ROWS // group)
+
     def forward(self, q, k, v, kv_cache, meta, scale):
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         return self._attend(q, kv_cache, meta, scale)
@@ -53,7 +58,7 @@ class TritonAttention(AttentionBackend):
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len)
         query_start_loc, max_query_len = self._step_tensors(meta, q.device)
         group = q.shape[1] // kv_cache.shape[3]
-        if max_query_len <= self.max_decode_query_len and max_query_len * group <= MAX_ROWS:
+        if max_query_len <= self.max_uniform_query_len(group):
             return paged_decode_attention(
                 q, kv_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len,
                 query_start_loc=query_start_loc, max_query_len=max_query_len,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from stageserve.engine.request import Request
-from stageserve.engine.speculative import DraftCall, SpeculativeConfig, Speculator, StepCostModel, expected_tokens
+from stageserve.engine.speculative import (
+    DraftCall, SpeculativeConfig, Speculator, StepCostModel, _SeqState, expected_tokens,
+)  # fmt: skip
 from stageserve.sample.params import SamplingParams
 
 
@@ -80,8 +82,8 @@ def test_low_acceptance_switches_off_and_probes_rarely():
     draft = Recorder([1, 2, 3, 4])
     spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, probe_interval=4), draft)
     for _ in range(5):
-        spec.observe_step(1, 0.010)
-        spec.observe_step(5, 0.013)
+        spec.observe_step(1, 1, 0.010)
+        spec.observe_step(1, 5, 0.013)
     r = decoding("a")
     ks = []
     for _ in range(80):
@@ -98,7 +100,7 @@ def test_high_acceptance_keeps_k_high():
     draft = Recorder([1] * 8)
     spec = Speculator(SpeculativeConfig(num_speculative_tokens=8), draft)
     for n in range(1, 10):
-        spec.observe_step(n, 0.010 + 0.0005 * n)
+        spec.observe_step(1, n, 0.010 + 0.0005 * n)
     r = decoding("a")
     for _ in range(5):
         spec.plan([r], 1000)
@@ -108,13 +110,24 @@ def test_high_acceptance_keeps_k_high():
     assert len(r.spec_token_ids) >= 6
 
 
-def test_cost_model_interpolates_and_expected_tokens():
-    costs = StepCostModel(prior_token_cost=0.1)
-    assert costs.ratio(1, 4) == 1.4  # the prior before any sample
-    costs.observe(1, 1.0)
-    costs.observe(5, 2.0)
-    assert costs.time(3) == 1.5 and costs.ratio(1, 4) == 2.0
+def test_expected_tokens():
     assert expected_tokens(0.0, 4) == 1.0 and abs(expected_tokens(0.5, 2) - 1.75) < 1e-9
+
+
+def test_cost_model_estimates_unmeasured_verify_shapes_from_below():
+    costs = StepCostModel(prior_token_cost=0.1)
+    assert costs.time(4, 1) is None and costs.time(4, 3) is None  # nothing without the plain step
+    costs.observe(4, 1, 1.0)
+    assert abs(costs.time(4, 3) - 1.2) < 1e-9  # the prior: 1 + 0.1 per extra query token
+    costs.observe(2, 3, 5.0)  # no plain step at batch 2: bounds only the shapes it dominates
+    assert costs.time(4, 3) == 5.0 and costs.time(4, 4) == 5.0 and abs(costs.time(4, 2) - 1.1) < 1e-9
+    costs.observe(1, 1, 1.0)
+    costs.observe(1, 5, 8.0)  # an eager verify step: 8x a plain one, carried to other batch sizes and lengths
+    assert abs(costs.time(4, 5) - 8.0) < 1e-9
+    assert abs(costs.time(4, 2) - 8.0 * 1.1 / 1.4) < 1e-9
+    assert costs.measured(1, 5) and not costs.measured(4, 5)
+    costs.observe(1, 5, 18.0)  # a decayed mean per shape
+    assert abs(costs.time(1, 5) - 9.0) < 1e-9
 
 
 def test_adaptive_k_waits_for_a_measured_plain_step_at_its_batch_size():
@@ -123,14 +136,14 @@ def test_adaptive_k_waits_for_a_measured_plain_step_at_its_batch_size():
     r = decoding("a")
     spec.plan([r], 1000)
     assert not draft.calls and r.spec_token_ids == []  # a plain step first, to measure it
-    spec.observe_step(1, 0.001)  # a CUDA-graph replay
-    spec.observe_step(5, 0.008)  # an eager verify step of 4 drafts: never worth it, even at full acceptance
+    spec.observe_step(1, 1, 0.001)  # a CUDA-graph replay
+    spec.observe_step(1, 5, 0.008)  # an eager verify step of 4 drafts: never worth it, even at full acceptance
     for _ in range(3):
         spec.plan([r], 1000)
         assert r.spec_token_ids == []
-    spec.observe_step(5, 0.0012)  # ...until verify steps are nearly as cheap (decays toward 1.2 ms)
+    spec.observe_step(1, 5, 0.0012)  # ...until verify steps are nearly as cheap (decays toward 1.2 ms)
     for _ in range(40):
-        spec.observe_step(5, 0.0012)
+        spec.observe_step(1, 5, 0.0012)
     spec.plan([r], 1000)
     assert r.spec_token_ids, "a cheap verify step and a draft that has never been wrong: speculate"
 
@@ -139,9 +152,90 @@ def test_no_probes_where_even_a_perfect_draft_cannot_pay():
     draft = Recorder([1, 2, 3, 4])
     spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, probe_interval=4), draft)
     for n in range(1, 6):  # a 1-token step replays a graph; every verify step runs eagerly at 8x its cost
-        spec.observe_step(n, 0.001 if n == 1 else 0.008 + 0.0001 * n)
+        spec.observe_step(1, n, 0.001 if n == 1 else 0.008 + 0.0001 * n)
     r = decoding("a")
     for _ in range(200):
         spec.plan([r], 1000)
         assert r.spec_token_ids == []
     assert not draft.calls
+
+
+def batch_of(n: int) -> list[Request]:
+    return [decoding(f"s{i}") for i in range(n)]
+
+
+def accepting(spec: Speculator, r: Request, steps: int, accept) -> None:
+    """Pretend `steps` verifications of r, each accepting `accept(4)` of 4 drafts."""
+    spec.seqs.setdefault(r.request_id, _SeqState())
+    for _ in range(steps):
+        spec.observe(r, 4, accept(4))
+
+
+def test_batch_speculates_at_one_padded_shape_with_fewer_drafts_for_poor_sequences():
+    draft = Recorder([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft)
+    batch = batch_of(4)
+    spec.observe_step(4, 1, 0.0010)  # plain step: a graph replay
+    for q in range(2, 6):
+        spec.observe_step(4, q, 0.0012)  # verify steps replay graphs too
+    for r in batch[:2]:
+        accepting(spec, r, 8, lambda k: k)  # always right
+    for r in batch[2:]:
+        accepting(spec, r, 8, lambda k: 0)  # always wrong
+    spec.plan(batch, 1000)
+    assert [len(r.spec_token_ids) for r in batch] == [4, 4, 1, 1], "good sequences get K, poor ones one draft"
+    assert len(draft.calls) == 1 and len(draft.calls[0]) == 4
+
+
+def test_batch_skips_verify_steps_that_cost_more_than_they_yield():
+    draft = Recorder([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, probe_interval=2), draft)
+    batch = batch_of(8)
+    spec.observe_step(8, 1, 0.0010)
+    spec.observe_step(8, 5, 0.0080)  # eager verify: even 5 tokens per sequence could not pay 8x
+    for r in batch:
+        accepting(spec, r, 8, lambda k: k)
+    for _ in range(50):
+        spec.plan(batch, 1000)
+        assert all(r.spec_token_ids == [] for r in batch)
+    assert not draft.calls, "no probes where even a perfect draft cannot pay"
+
+
+def test_unmeasured_batch_size_inherits_the_measured_verify_overhead():
+    draft = Recorder([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft)
+    for q in range(1, 6):  # batch 1: plain replays a graph, every verify step runs eagerly
+        spec.observe_step(1, q, 0.001 if q == 1 else 0.008)
+    spec.observe_step(4, 1, 0.0011)
+    batch = batch_of(4)
+    spec.plan(batch, 1000)
+    assert not draft.calls, "an unmeasured (4, q) shape is not assumed cheaper than the 8x measured at batch 1"
+
+
+def test_batch_decision_weighs_the_sum_of_expected_tokens():
+    def plan_with(good: int) -> int:
+        draft = Recorder([1, 2, 3, 4])
+        spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft)
+        batch = batch_of(4)
+        spec.observe_step(4, 1, 0.0010)
+        for q in range(2, 6):
+            spec.observe_step(4, q, 0.0025)  # a verify step costs 2.5 plain steps whatever its length
+        for i, r in enumerate(batch):
+            accepting(spec, r, 8, (lambda k: k) if i < good else (lambda k: 0))
+        spec.plan(batch, 1000)
+        return max(len(r.spec_token_ids) for r in batch)
+
+    # A plain step yields 4 tokens; a verify step must yield 2.5x that: one perfect sequence of four
+    # brings ~4 + 3.9, two bring ~4 + 7.8.
+    assert plan_with(0) == 0 and plan_with(1) == 0
+    assert plan_with(2) == 4 and plan_with(4) == 4
+
+
+def test_room_caps_each_sequence_and_fixed_k_ignores_costs():
+    draft = Recorder([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, adaptive=False), draft)
+    batch = batch_of(2)
+    batch[1].output_token_ids += [7] * 97  # 2 tokens left: one draft plus the bonus
+    batch[1].num_computed_tokens = batch[1].num_tokens - 1
+    spec.plan(batch, 1000)
+    assert [len(r.spec_token_ids) for r in batch] == [4, 1]
