@@ -1,6 +1,7 @@
 """Issue 5 benchmark: moving KV pages from prefill to decode, by transport, in separate processes.
 
     python benchmarks/kv_transfer.py --out DIR              # one GPU, about 3 minutes on an H200
+    python benchmarks/kv_transfer.py --out DIR --parts a,b  # bandwidth and TTFT only
     python benchmarks/kv_transfer.py --out DIR --two-gpus   # decode on cuda:1 (peer IPC, NCCL across GPUs)
     python benchmarks/kv_transfer.py --out DIR --smoke      # CPU, tiny shapes, host transport only
 
@@ -11,9 +12,13 @@
     both pools must be clean: every block free and no reservation or lease open (the Stats RPCs).
 (a) bandwidth: the KV of 1k- and 8k-token prompts of dummy:llama-3-8b (128 MiB and 1 GiB), sent by this
     process from a pool of that layout into a decode process's reservation, per transport and per push
-    mode. Each transport is first checked with the device checksum on. Baselines in the same run: a raw
-    device copy of the same bytes, the same block gather/scatter in one process, and raw NCCL send/recv
-    between two processes (on one GPU NCCL may refuse two ranks on one device; the error is reported).
+    mode. Each transport is first checked with the device checksum on (not timed), then timed with the
+    checksum off and on: end to end, the copies' GPU window, the sender's checksum and the control plane
+    (the rest: the WriteKV claim round trip, notices, the final ack). Baselines in the same run: a raw
+    device copy of the same bytes; the block copy kernel in one process and into decode's pool mapped over
+    IPC, each back to back (steady state), alone on an idle GPU with the launch inside the timing window
+    (as a transfer's copy is timed) and alone with the launch hidden (gated); raw NCCL send/recv between
+    two processes (on one GPU NCCL may refuse two ranks on one device; the error is reported).
 (b) idle-server TTFT breakdown for dummy:llama-3-8b: Reserve (the queue and routing hop), prefill compute,
     transfer, first decode step, for layer-by-layer and whole-request push (two prefill processes),
     against the colocated engine in this process.
@@ -47,6 +52,7 @@ from stageserve.transport.host import HostKVSender, channel_cache
 from stageserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 BLOCK = 16
+ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
 def launch(specs: list[ServiceSpec], log: Path) -> Cluster:
@@ -196,6 +202,41 @@ def timed_cuda(fn, reps: int) -> float:
     return begin.elapsed_time(end) / 1e3 / reps
 
 
+def one_shot_cuda(fn, reps: int, gated: bool) -> float:
+    """Median seconds of fn() run alone on an idle GPU, as one transfer's copy runs: CUDA events around
+    it. Ungated, the window opens before the host has launched the kernel (the launch latency is in it,
+    as in a transfer's `device_seconds`); gated, the stream first spins for ~1 ms so that the kernel is
+    queued before the window opens, which leaves the kernel alone."""
+    fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        time.sleep(0.002)  # idle, as between two requests
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if gated:
+            torch.cuda._sleep(2_000_000)  # ~1 ms of cycles: longer than queueing begin, fn and end
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_baselines(pool, dst_pool, src_ids: list[int], dst_ids: list[int], nbytes: int, reps: int) -> dict:
+    """The block copy kernel from `pool` into `dst_pool` (this process's, or decode's mapped over IPC):
+    back to back (steady state), alone from idle with the launch inside the window, and alone gated."""
+    from stageserve.transport.cuda_ipc import copy_blocks
+
+    src_t, dst_t = torch.tensor(src_ids, device=pool.device), torch.tensor(dst_ids, device=pool.device)
+    fn = lambda: copy_blocks(pool, dst_pool, src_t, dst_t)  # noqa: E731
+    out = {"back_to_back_gb_s": nbytes / timed_cuda(fn, reps) / 1e9}
+    if pool.is_cuda:
+        out["one_shot_gb_s"] = nbytes / one_shot_cuda(fn, reps, gated=False) / 1e9
+        out["one_shot_gated_gb_s"] = nbytes / one_shot_cuda(fn, reps, gated=True) / 1e9
+    return out
+
+
 def raw_nccl(device: torch.device, peer_device: str, nbytes: int, iters: int) -> dict:
     """Raw NCCL send/recv of `nbytes` between this process and a child on `peer_device`."""
     from stageserve.transport.nccl import NcclLibrary
@@ -248,8 +289,6 @@ def nccl_peer(args) -> None:
 
 
 async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device, sizes, transports, args) -> list[dict]:
-    from stageserve.transport.cuda_ipc import copy_blocks
-
     pool_blocks = max(sizes) // BLOCK + 64
     pool = torch.randn((layout.num_layers, *layout.page_shape(pool_blocks)), device=device).to(layout.dtype)
 
@@ -278,14 +317,14 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
         reps = 20 if nbytes < (512 << 20) else 5
         raw = timed_cuda(lambda: flat_b.copy_(flat_a), reps)
         other = torch.empty_like(pool)
-        src_t = torch.tensor(src_ids, device=device)
-        dst_t = torch.arange(blocks, device=device)
-        one_pass = timed_cuda(lambda: copy_blocks(pool, other, src_t, dst_t), reps)  # the Triton kernel on a GPU
+        block_copy = copy_baselines(pool, other, src_ids, list(range(blocks)), nbytes, reps)
+        src_t, dst_t = torch.tensor(src_ids, device=device), torch.arange(blocks, device=device)
         dim = pool.dim() - 4
         two_pass = timed_cuda(lambda: other.index_copy_(dim, dst_t, pool.index_select(dim, src_t)), reps)
         del flat_a, flat_b, other
         row = {"tokens": tokens, "bytes": nbytes, "raw_copy_gb_s": nbytes / raw / 1e9,
-               "block_copy_gb_s": nbytes / one_pass / 1e9, "gather_scatter_gb_s": nbytes / two_pass / 1e9}
+               "block_copy_gb_s": block_copy["back_to_back_gb_s"], "block_copy": block_copy,
+               "gather_scatter_gb_s": nbytes / two_pass / 1e9}
         for name, by_push in senders.items():
             for push, sender in by_push.items():
                 key = f"{name}/{'layer' if push else 'request'}"
@@ -293,28 +332,21 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
                     row[key] = {"error": f"not run: failed at {failed[name]}"}
                     continue
                 try:
-                    times, device_times = [], []
-                    runs = 1 if name == "host" and nbytes > (256 << 20) else 3
-                    for rep in range(runs + 1):  # the first is checked (device checksum) and not timed
-                        rid = f"bw-{key}-{tokens}-{rep}"
-                        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-                        try:
-                            descriptor = KVDescriptor.from_pb(await stages.reserve(rid, tokens, params, transports=[name]))
-                            descriptor = KVDescriptor(**{**descriptor.__dict__, "address": decode_address})
-                            source = KVSource(read_layer, pool, device_checksum=rep == 0)
-                            start = time.perf_counter()
-                            stats = await sender.send(descriptor, src_ids, source, timeout_s=60)
-                            times.append(time.perf_counter() - start)
-                            device_times.append(stats.device_seconds)
-                        finally:
-                            await stages.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id=rid))
-                    seconds, copy_s = sum(times[1:]) / runs, sum(device_times[1:]) / runs
-                    row[key] = {"gb_s": nbytes / seconds / 1e9, "ms": seconds * 1e3, "checked": True}
-                    if copy_s:  # cuda-ipc: the copies alone, without the control plane's round trips
-                        row[key] |= {"copy_gb_s": nbytes / copy_s / 1e9, "copy_ms": copy_s * 1e3}
+                    row[key] = await timed_transfers(stages, sender, name, key, tokens, src_ids, pool, read_layer,
+                                                     decode_address, nbytes)
                 except Exception as exc:  # e.g. NCCL refusing two ranks on one GPU: say so, keep going
                     row[key] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                     failed[name] = f"{tokens} tokens"
+        ipc = senders.get("cuda-ipc", {}).get(False)
+        if ipc is not None and ipc.pools and not args.two_gpus and "cuda-ipc" not in failed:  # into decode's mapped pool
+            rid = f"bw-mapped-{tokens}"
+            descriptor = await stages.reserve(rid, tokens, ONE_TOKEN, transports=["cuda-ipc"])
+            try:
+                mapped = ipc.pools[descriptor.cuda_ipc.pool_id]
+                row["block_copy_into_ipc_pool"] = copy_baselines(pool, mapped, src_ids, list(descriptor.block_ids),
+                                                                 nbytes, reps)
+            finally:
+                await stages.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id=rid))
         if device.type == "cuda" and "raw_nccl" not in failed:
             peer = "cuda:1" if args.two_gpus else str(device)
             row["raw_nccl"] = raw_nccl(device, peer, nbytes, 3 if nbytes > (512 << 20) else 10)
@@ -324,6 +356,38 @@ async def bandwidth(decode_address: str, layout: KVLayout, device: torch.device,
         print(json.dumps(row), flush=True)
     await stages.close()
     return rows
+
+
+async def timed_transfers(stages, sender, name, key, tokens, src_ids, pool, read_layer, decode_address, nbytes) -> dict:
+    """One checked transfer (device checksum on, not timed), then timed ones with the checksum off and,
+    for the GPU transports, on. Per setting: end to end (the sender's send()), the copies' GPU window
+    (cuda-ipc on one GPU), the sender's checksum, and the control plane (the rest: claim, notices, acks)."""
+    runs = 1 if name == "host" and nbytes > (256 << 20) else 3
+    settings = [("check", True, 1), ("off", False, runs)] + ([("on", True, runs)] if name != "host" else [])
+    out = {"checked": True}
+    for setting, checksum, count in settings:
+        totals = {"seconds": 0.0, "device_seconds": 0.0, "checksum_seconds": 0.0, "claim_seconds": 0.0}
+        for rep in range(count):
+            rid = f"bw-{key}-{tokens}-{setting}-{rep}"
+            try:
+                descriptor = KVDescriptor.from_pb(await stages.reserve(rid, tokens, ONE_TOKEN, transports=[name]))
+                descriptor = KVDescriptor(**{**descriptor.__dict__, "address": decode_address})
+                source = KVSource(read_layer, pool, device_checksum=checksum)
+                stats = await sender.send(descriptor, src_ids, source, timeout_s=60)
+                for k in totals:
+                    totals[k] += getattr(stats, k) / count
+            finally:
+                await stages.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id=rid))
+        if setting == "check":
+            continue
+        seconds, copy_s = totals["seconds"], totals["device_seconds"]
+        result = {"gb_s": nbytes / seconds / 1e9, "ms": seconds * 1e3}
+        if copy_s:
+            result |= {"copy_gb_s": nbytes / copy_s / 1e9, "copy_ms": copy_s * 1e3,
+                       "checksum_ms": totals["checksum_seconds"] * 1e3, "claim_ms": totals["claim_seconds"] * 1e3,
+                       "control_ms": (seconds - copy_s - totals["checksum_seconds"]) * 1e3}
+        out[f"checksum_{setting}"] = result
+    return out | out["checksum_off"]  # the top level keeps the old keys: checksum off
 
 
 # ---- (b) TTFT breakdown -------------------------------------------------------------------------
@@ -471,17 +535,33 @@ def main() -> None:
 def print_tables(report: dict) -> None:
     print(f"\nkv_transfer on {report['device']}, {report['date']}, {report['wall_s']:.0f} s")
     for row in report.get("bandwidth", []):
-        print(f"\n(a) {row['tokens']} tokens, {row['bytes'] / 2**20:.0f} MiB: raw copy {row['raw_copy_gb_s']:.1f} GB/s, "
-              f"block copy kernel {row['block_copy_gb_s']:.1f} GB/s, torch gather+scatter {row['gather_scatter_gb_s']:.1f} GB/s, "
-              f"raw NCCL {row.get('raw_nccl')}")
+        raw = row["raw_copy_gb_s"]
+        pct = lambda gb_s: f"{gb_s:8.1f} GB/s ({100 * gb_s / raw:5.1f}%)"  # noqa: E731
+        print(f"\n(a) {row['tokens']} tokens, {row['bytes'] / 2**20:.0f} MiB: raw copy {raw:.1f} GB/s, "
+              f"torch gather+scatter {row['gather_scatter_gb_s']:.1f} GB/s, raw NCCL {row.get('raw_nccl')}")
+        print("    block copy kernel           back to back           one shot (launch in)   one shot (gated)")
+        for label, key in (("in one process", "block_copy"), ("into decode's pool (IPC)", "block_copy_into_ipc_pool")):
+            if key in row:
+                b = row[key]
+                print(f"    {label:27} {pct(b['back_to_back_gb_s'])}  " + "  ".join(
+                    pct(b[k]) for k in ("one_shot_gb_s", "one_shot_gated_gb_s") if k in b))
+        print("    transfer            checksum  end to end           copy window (% raw)      "
+              "claim ms  checksum ms  control ms")
         for key, value in row.items():
-            if "/" in key:
-                shown = (f"{value['gb_s']:8.1f} GB/s {value['ms']:8.2f} ms  {100 * value['gb_s'] / row['raw_copy_gb_s']:5.1f}% of raw copy"
-                         if "gb_s" in value else value["error"])
-                if "copy_gb_s" in value:
-                    shown += (f"; copies alone {value['copy_gb_s']:.1f} GB/s, {value['copy_ms']:.2f} ms, "
-                              f"{100 * value['copy_gb_s'] / row['raw_copy_gb_s']:.1f}% of raw copy")
-                print(f"    {key:18} {shown}")
+            if "/" not in key:
+                continue
+            if "error" in value:
+                print(f"    {key:19} {value['error']}")
+                continue
+            for setting in ("off", "on"):
+                v = value.get(f"checksum_{setting}")
+                if v is None:
+                    continue
+                line = f"    {key:19} {setting:8}  {v['gb_s']:8.1f} GB/s {v['ms']:7.2f} ms"
+                if "copy_gb_s" in v:
+                    line += (f"  {pct(v['copy_gb_s'])} {v['copy_ms']:6.3f} ms {v['claim_ms']:8.2f} "
+                             f"{v['checksum_ms']:12.2f} {v['control_ms']:11.2f}")
+                print(line)
     if report.get("ttft"):
         print("\n(b) mode                      tokens  reserve  prefill  transfer  1st decode  TTFT (ms)")
         for r in report["ttft"]:

@@ -5,6 +5,8 @@ Life of a sequence here (the states are transport/lifecycle.py's):
                   for this peer (transport/select.py)
     PushKV     -> every chunk validated against the reservation and our pool, then landed (RECEIVING;
                   LANDED once every layer of every block is in)
+    WriteKV    -> cuda-ipc: the same, for a writer that copies into our pool itself: claim, then notices
+                  (or an abort) on one stream
     Attach     -> waits (bounded) until LANDED, then the sequence joins the continuous batch (ATTACHED)
                   and tokens stream back; a failed transfer fails the Attach at once with its reason
     Cancel (RELEASED), a corrupt or cut-short transfer or a sender that died mid-stream (ABORTED), or a
@@ -151,6 +153,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidArgumentError("lease_ms", f"longer than the reservation TTL ({self.ttl_s:g} s)")
         self.table.claim(request.reservation_id, lease_s, list(request.block_ids))
         return decode_pb2.ClaimKVResponse(reservation_id=request.reservation_id)
+
+    async def WriteKV(self, request_iterator, context):
+        async for ack in self.landing.receive_writes(request_iterator, self.table, self.ttl_s):
+            yield ack
 
     async def AbortKV(self, request, context):
         try:

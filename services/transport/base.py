@@ -13,8 +13,9 @@
 
 A transport moves bytes and nothing else: which blocks, in which layout, is decided by the
 descriptor, so the GPU transports (CUDA IPC, NCCL) implement the same classes. Their pages travel
-out of band, and the control plane (`PushKV`) carries one small chunk per layer saying which pages
-are in place, so every transport shares the receiver's validation and the lifecycle in lifecycle.py.
+out of band, and the control plane (`PushKV`, or `WriteKV` for cuda-ipc) carries small chunks saying
+which pages are in place (per layer, or one for every layer), so every transport shares the receiver's
+validation and the lifecycle in lifecycle.py.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ class TransferStats:
     seconds: float = 0.0
     checksum: bool = False
     device_seconds: float = 0.0  # GPU time of the copies alone (cuda-ipc on one GPU), the data plane's share
+    checksum_seconds: float = 0.0  # sender's device checksum (cuda-ipc), apart from the copies
+    claim_seconds: float = 0.0  # the claim's round trip (cuda-ipc), before any copy may start
 
 
 # Reads one layer's pages, `[2, len(block_ids), block_size, kv_heads, head_dim]`, from the sender's pool.

@@ -4,9 +4,11 @@
                              the byte offset of the pool in it, its strides), sent in every descriptor as
                              plain proto fields (64 handle bytes and integers, never a pickle)
     prefill, once per pool:  cudaIpcOpenMemHandle -> a tensor view of decode's whole pool
-    prefill, per request:    one gather/scatter per layer (or one for all layers) on a dedicated stream,
-                             wait for it, then an out-of-band KVChunk per layer over PushKV says the
-                             pages are in place; decode validates it like any chunk and records it
+    prefill, per request:    one WriteKV stream: claim the reservation's blocks and wait for `claimed`;
+                             then one gather/scatter launch for every layer (or one per layer with layer
+                             push) on a dedicated stream, wait for it, and an out-of-band KVChunk (one for
+                             all layers, or one per layer) says the pages are in place; decode validates it
+                             like any chunk, records it and answers the final one with `done`
 
 Same host only (the descriptor's host id must equal ours): the same GPU, or a peer GPU in the same
 host (cudaIpcMemLazyEnablePeerAccess). The pool is one allocation so one handle covers every layer.
@@ -25,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from stageserve.common import tracing
@@ -276,28 +279,59 @@ class CudaIpcKVSender(KVSender):
         stats = TransferStats(self.name, num_blocks=len(src_block_ids), num_layers=layout.num_layers,
                               checksum=source.device_checksum)
         start = time.monotonic()
+        src_ids, dst_ids = self._block_ids(src_block_ids, descriptor.block_ids)  # lands during the claim's round trip
         stub = decode_pb2_grpc.DecodeStub(self.channel_for(descriptor.address))
-        claim = decode_pb2.ClaimKVRequest(reservation_id=descriptor.reservation_id, lease_ms=int(self.claim_s * 1000),
-                                          block_ids=descriptor.block_ids)
-        await stub.ClaimKV(claim, timeout=min(timeout_s, self.claim_s), metadata=tracing.outgoing_metadata())
-        chunks = self._copy_and_notify(descriptor, src_block_ids, source, dst, stats)
+        call = stub.WriteKV(timeout=timeout_s, metadata=tracing.outgoing_metadata())
+        claimed = False
         try:
-            response = await stub.PushKV(chunks, timeout=timeout_s, metadata=tracing.outgoing_metadata())
-        except BaseException:  # our copies are over before the caller tells decode to let the blocks go
-            for peer in (self.stream, *self.peer_streams.values()):
-                peer.synchronize()
+            claim = decode_pb2.ClaimKVRequest(reservation_id=descriptor.reservation_id,
+                                              lease_ms=int(self.claim_s * 1000), block_ids=descriptor.block_ids)
+            await call.write(decode_pb2.KVWrite(claim=claim))
+            ack = await asyncio.wait_for(call.read(), min(timeout_s, self.claim_s))
+            if ack is grpc.aio.EOF or ack.WhichOneof("kind") != "claimed":
+                raise RuntimeError(f"decode did not grant the claim (got {ack})")
+            claimed = True
+            stats.claim_seconds = time.monotonic() - start
+            async for chunk in self._copy_and_notify(descriptor, source, dst, src_ids, dst_ids, stats):
+                await call.write(decode_pb2.KVWrite(landed=chunk))
+            await call.done_writing()
+            ack = await call.read()
+            if ack is grpc.aio.EOF or ack.WhichOneof("kind") != "done":
+                raise RuntimeError(f"decode did not acknowledge the transfer (got {ack})")
+        except BaseException as exc:
+            if claimed:  # once our copies are over, decode may free the blocks
+                self._finish_copies()
+                await asyncio.shield(self._give_up(call, f"{type(exc).__name__}: {exc}"))
+            call.cancel()
             raise
         stats.seconds = time.monotonic() - start
-        if response.num_chunks != stats.num_chunks:
-            raise RuntimeError(f"receiver acknowledged {response.num_chunks} chunks of {stats.num_chunks}")
+        if ack.done.num_chunks != stats.num_chunks:
+            raise RuntimeError(f"receiver acknowledged {ack.done.num_chunks} chunks of {stats.num_chunks}")
         return stats
 
+    @staticmethod
+    async def _give_up(call, reason: str) -> None:
+        """Best effort, bounded: tell decode on the same stream that we stopped (it may already have failed it)."""
+        try:
+            await asyncio.wait_for(call.write(decode_pb2.KVWrite(abort_reason=reason[:500])), 1.0)
+            await asyncio.wait_for(call.done_writing(), 1.0)
+        except Exception as exc:  # the call may already have ended (decode failed it): nothing more to say
+            logger.info("cuda-ipc: could not tell decode the transfer stopped: %s", type(exc).__name__)
+
+    def _block_ids(self, src: list[int], dst: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both id lists as int64 device tensors: one pinned host-to-device copy, queued on our stream."""
+        host = torch.tensor([list(src), list(dst)], dtype=torch.int64).pin_memory()
+        with torch.cuda.stream(self.stream):
+            ids = host.to(self.device, non_blocking=True)  # [2, n]
+        return ids[0], ids[1]
+
     async def _copy_and_notify(
-        self, descriptor: KVDescriptor, src: list[int], source: KVSource, dst: torch.Tensor, stats: TransferStats
+        self, descriptor: KVDescriptor, source: KVSource, dst: torch.Tensor, src_ids: torch.Tensor,
+        dst_ids: torch.Tensor, stats: TransferStats,
     ) -> AsyncIterator[common_pb2.KVChunk]:
+        """Queue the copies, and yield one notice per group of layers once that group's copy is over:
+        one group of every layer (one launch) for a whole-request push, one per layer for a layer push."""
         layout, stream = descriptor.layout, self.stream
-        src_ids = torch.tensor(src, dtype=torch.int64, device=self.device)
-        dst_ids = torch.tensor(descriptor.block_ids, dtype=torch.int64, device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # the pages were written on the engine's stream
         groups = [[layer] for layer in range(layout.num_layers)] if self.layer_push else [list(range(layout.num_layers))]
         timing = source.feed is None and dst.device == self.device  # copies back to back: time them as a whole
@@ -320,11 +354,13 @@ class CudaIpcKVSender(KVSender):
                 if timing and i == len(groups) - 1:
                     end.synchronize()
                     stats.device_seconds = begin.elapsed_time(end) / 1e3
-                for chunk in self._notices(descriptor, src, source, src_ids, layers, stats):
-                    yield chunk
+                yield self._notice(descriptor, source, src_ids, layers, stats)
         finally:  # cancelled or failed midway: our copies still finish before the claim is let go
-            for peer in (stream, *self.peer_streams.values()):
-                peer.synchronize()
+            self._finish_copies()
+
+    def _finish_copies(self) -> None:
+        for stream in (self.stream, *self.peer_streams.values()):
+            stream.synchronize()
 
     def _copy(self, source: KVSource, dst, src_ids, dst_ids, layers: list[int]) -> tuple[torch.cuda.Event, object]:
         """Queue the copy of `layers`; returns the event after it and what must stay alive until then."""
@@ -342,17 +378,20 @@ class CudaIpcKVSender(KVSender):
             dst[first:last].index_copy_(2, dst_ids.to(dst.device, non_blocking=True), moved)
             return peer.record_event(), (pages, moved)
 
-    def _notices(self, descriptor, src, source, src_ids, layers, stats) -> list[common_pb2.KVChunk]:
-        layout, chunks = descriptor.layout, []
-        for layer in layers:
-            chunk = common_pb2.KVChunk(
-                reservation_id=descriptor.reservation_id, layer_index=layer, block_ids=descriptor.block_ids,
-                dtype=dtype_to_pb(layout.dtype), shape=layout.page_shape(len(src)), chunk_index=stats.num_chunks,
-                final=layer == layout.num_layers - 1, out_of_band=True,
-            )
-            if source.device_checksum:
-                chunk.page_checksum = page_checksum(source.pool[layer].index_select(1, src_ids))
-            stats.num_chunks += 1
-            stats.num_bytes += layout.bytes_per_block_layer * len(src)
-            chunks.append(chunk)
-        return chunks
+    def _notice(self, descriptor, source, src_ids, layers: list[int], stats) -> common_pb2.KVChunk:
+        """The out-of-band chunk saying `layers` of every block are in place (one chunk for a run of layers)."""
+        layout, n = descriptor.layout, src_ids.numel()
+        first, last = layers[0], layers[-1] + 1
+        chunk = common_pb2.KVChunk(
+            reservation_id=descriptor.reservation_id, layer_index=first, num_layers=last - first if last - first > 1 else 0,
+            block_ids=descriptor.block_ids, dtype=dtype_to_pb(layout.dtype), shape=layout.page_shape(n),
+            chunk_index=stats.num_chunks, final=last == layout.num_layers, out_of_band=True,
+        )
+        if source.device_checksum:  # after the copy, on its stream; timed apart from it
+            checksum_start = time.monotonic()
+            with torch.cuda.stream(self.stream):
+                chunk.page_checksum = page_checksum(source.pool[first:last].index_select(2, src_ids))
+            stats.checksum_seconds += time.monotonic() - checksum_start
+        stats.num_chunks += 1
+        stats.num_bytes += layout.bytes_per_block_layer * n * (last - first)
+        return chunk

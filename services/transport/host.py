@@ -113,6 +113,12 @@ def validate_chunk(chunk: common_pb2.KVChunk, reservation: Reservation, layout: 
         raise InvalidArgumentError("kv_chunk.chunk_index", f"expected {reservation.next_chunk}, got {chunk.chunk_index}")
     if chunk.layer_index >= layout.num_layers:
         raise InvalidArgumentError("kv_chunk.layer_index", f"{chunk.layer_index} >= num_layers {layout.num_layers}")
+    if chunk.num_layers > 1 and not chunk.out_of_band:
+        raise InvalidArgumentError("kv_chunk.num_layers", "only an out-of-band chunk may cover several layers")
+    if chunk.layer_index + max(chunk.num_layers, 1) > layout.num_layers:
+        raise InvalidArgumentError(
+            "kv_chunk.num_layers", f"layers {chunk.layer_index}+{chunk.num_layers} pass num_layers {layout.num_layers}"
+        )
     ids = list(chunk.block_ids)
     if not ids or len(set(ids)) != len(ids) or not set(ids) <= set(reservation.block_ids):
         raise InvalidArgumentError("kv_chunk.block_ids", "must be distinct blocks of the reservation")

@@ -9,6 +9,8 @@ pool; a mismatch raises DataLossError and the transfer fails closed.
 
 `receive` is the whole of one PushKV stream, and where a transfer's failures end its reservation:
 a bad chunk or a checksum mismatch (ABORTED, fail closed), or a sender whose stream broke (ABORTED).
+`receive_writes` is the same for one WriteKV stream (cuda-ipc), which also carries the writer's claim
+before it and, instead of notices, its abort: one RPC per transfer.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import torch
+
 from stageserve.common.errors import DataLossError, InvalidArgumentError
 from stageserve.transport.base import KVLayout
 from stageserve.transport.checksum import page_checksum
 from stageserve.transport.host import validate_chunk
 from stageserve.transport.lifecycle import Reservation, ReservationTable, TransferState
-from stageserve.v1 import common_pb2
+from stageserve.v1 import common_pb2, decode_pb2
 
 
 class KVLanding:
@@ -34,7 +38,8 @@ class KVLanding:
     async def land(self, chunk: common_pb2.KVChunk, reservation: Reservation) -> int:
         """Returns the bytes the chunk brought. Raises InvalidArgumentError / DataLossError; the caller aborts."""
         pages = validate_chunk(chunk, reservation, self.layout)
-        ids, layer = list(chunk.block_ids), chunk.layer_index
+        ids, layers = list(chunk.block_ids), range(chunk.layer_index, chunk.layer_index + max(chunk.num_layers, 1))
+        layer = chunk.layer_index
         # Reserved blocks belong to no running sequence, so writing them off the engine thread is safe.
         if pages is not None:
             self.runner.write_kv(layer, ids, pages)
@@ -43,15 +48,18 @@ class KVLanding:
                 raise DataLossError("kv_chunk.comm_id: this worker serves no nccl transport")
             await self.nccl.receive(chunk, self.layout, self.runner.kv_pool, self.nccl_timeout_s)
         if chunk.HasField("page_checksum"):
-            landed = page_checksum(self.runner.read_kv(layer, ids))
+            # The layers' pages in layer order, one gather: the same words, in the same order, as the sender's.
+            pool = self.runner.kv_pool  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+            landed = page_checksum(pool[layers.start : layers.stop].index_select(2, torch.tensor(ids, device=pool.device)))
             if landed != chunk.page_checksum:
                 raise DataLossError(
-                    f"kv_chunk.page_checksum: layer {layer} pages landed with checksum {landed:#x}, "
-                    f"the sender computed {chunk.page_checksum:#x}"
+                    f"kv_chunk.page_checksum: layers {layers.start}-{layers.stop - 1} pages landed with checksum "
+                    f"{landed:#x}, the sender computed {chunk.page_checksum:#x}"
                 )
-        reservation.record(layer, ids)
+        for i in layers:
+            reservation.record(i, ids)
         reservation.next_chunk += 1
-        return self.layout.bytes_per_block_layer * len(ids)
+        return self.layout.bytes_per_block_layer * len(ids) * len(layers)
 
     async def receive(self, chunks: AsyncIterator[common_pb2.KVChunk], table: ReservationTable) -> tuple[str, int, int]:
         """Land one stream of chunks, all for one reservation; returns (reservation id, chunks, bytes)."""
@@ -88,3 +96,68 @@ class KVLanding:
                             sender_lost=True)
             raise InvalidArgumentError("kv_chunk.final", reservation.error)
         return (reservation.reservation_id if reservation else ""), num_chunks, num_bytes
+
+    async def receive_writes(
+        self, writes: AsyncIterator[decode_pb2.KVWrite], table: ReservationTable, max_lease_s: float
+    ) -> AsyncIterator[decode_pb2.KVWriteAck]:
+        """The whole of one WriteKV stream (cuda-ipc): claim, then notices or an abort; yields the two acks.
+
+        The writer copies only after `claimed`, and writes its notices only after the copies they name
+        are over, so a clean half-close, an abort or a final notice each prove that nothing more will land
+        in the blocks (`writer_done`); a stream that broke proves nothing, so the blocks then wait out the
+        claim's lease.
+        """
+        first = await anext(aiter(writes), None)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "claim":
+            raise InvalidArgumentError("kv_write.claim", "the first message of a WriteKV stream must claim")
+        claim = first.claim
+        if claim.lease_ms > max_lease_s * 1000:
+            raise InvalidArgumentError("kv_write.claim.lease_ms", f"longer than the reservation TTL ({max_lease_s:g} s)")
+        reservation = table.claim(claim.reservation_id, max(claim.lease_ms, 1) / 1000, list(claim.block_ids))
+        num_chunks = num_bytes = 0
+        try:
+            yield decode_pb2.KVWriteAck(claimed=decode_pb2.ClaimKVResponse(reservation_id=reservation.reservation_id))
+            async for write in writes:
+                kind = write.WhichOneof("kind")
+                if kind == "abort_reason":
+                    reason = f"the sender gave up: {write.abort_reason[:500] or 'no reason given'}"
+                    await table.end(reservation, TransferState.ABORTED, reason, sender_lost=True)
+                    await table.writer_done(reservation)
+                    return
+                if kind != "landed" or not write.landed.out_of_band:
+                    raise InvalidArgumentError("kv_write.landed", "after the claim, only out-of-band notices or an abort")
+                chunk = write.landed
+                if chunk.reservation_id != reservation.reservation_id:
+                    raise InvalidArgumentError("kv_chunk.reservation_id", "is not the claimed reservation")
+                try:
+                    num_bytes += await self.land(chunk, reservation)
+                    if chunk.final and not reservation.complete:
+                        raise InvalidArgumentError("kv_chunk.final", "transfer ended before every layer of every block arrived")
+                except (InvalidArgumentError, DataLossError) as exc:  # fail closed
+                    await table.end(reservation, TransferState.ABORTED, str(exc), data_loss=isinstance(exc, DataLossError))
+                    if not chunk.final:  # later layers' copies may still run: wait for the writer's last word
+                        async for rest in writes:
+                            if rest.WhichOneof("kind") == "abort_reason" or rest.landed.final:
+                                break
+                    await table.writer_done(reservation)
+                    raise
+                num_chunks += 1
+                if chunk.final:
+                    await table.writer_done(reservation)
+                    yield decode_pb2.KVWriteAck(done=decode_pb2.PushKVResponse(
+                        reservation_id=reservation.reservation_id, num_chunks=num_chunks, num_bytes=num_bytes))
+                    return
+        except (InvalidArgumentError, DataLossError):
+            raise
+        except BaseException as exc:  # the writer's stream broke: its copies may still be running (lease)
+            if not reservation.state.terminal:
+                reason = f"sender's stream broke mid-transfer ({type(exc).__name__})"
+                await asyncio.shield(table.end(reservation, TransferState.ABORTED, reason, sender_lost=True))
+            raise
+        # Half-closed without a final notice: the writer is done writing but did not finish the transfer.
+        await table.end(reservation, TransferState.ABORTED, "stream ended before every layer of every block arrived",
+                        sender_lost=True)
+        await table.writer_done(reservation)
+        raise InvalidArgumentError("kv_chunk.final", reservation.error)

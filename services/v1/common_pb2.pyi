@@ -198,7 +198,7 @@ class KVTransferDescriptor(_message.Message):
     def __init__(self, transport: _Optional[str] = ..., reservation_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., ttl_ms: _Optional[int] = ..., host: _Optional[_Union[HostTransportParams, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcTransportParams, _Mapping]] = ..., nccl: _Optional[_Union[NcclTransportParams, _Mapping]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("reservation_id", "layer_index", "block_ids", "dtype", "shape", "data", "crc32", "chunk_index", "final", "page_checksum", "out_of_band", "nccl_seq", "comm_id")
+    __slots__ = ("reservation_id", "layer_index", "block_ids", "dtype", "shape", "data", "crc32", "chunk_index", "final", "page_checksum", "out_of_band", "nccl_seq", "comm_id", "num_layers")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class KVChunk(_message.Message):
     OUT_OF_BAND_FIELD_NUMBER: _ClassVar[int]
     NCCL_SEQ_FIELD_NUMBER: _ClassVar[int]
     COMM_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     layer_index: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -225,4 +226,5 @@ class KVChunk(_message.Message):
     out_of_band: bool
     nccl_seq: int
     comm_id: str
-    def __init__(self, reservation_id: _Optional[str] = ..., layer_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., chunk_index: _Optional[int] = ..., final: _Optional[bool] = ..., page_checksum: _Optional[int] = ..., out_of_band: _Optional[bool] = ..., nccl_seq: _Optional[int] = ..., comm_id: _Optional[str] = ...) -> None: ...
+    num_layers: int
+    def __init__(self, reservation_id: _Optional[str] = ..., layer_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., chunk_index: _Optional[int] = ..., final: _Optional[bool] = ..., page_checksum: _Optional[int] = ..., out_of_band: _Optional[bool] = ..., nccl_seq: _Optional[int] = ..., comm_id: _Optional[str] = ..., num_layers: _Optional[int] = ...) -> None: ...

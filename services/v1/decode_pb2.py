@@ -25,43 +25,47 @@ _sym_db = _symbol_database.Default()
 from stageserve.v1 import common_pb2 as stageserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astageserve/v1/decode.proto\x12\rstageserve.v1\x1a\x1astageserve/v1/common.proto\"8\n\x0e\x41\x62ortKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\x0f\x41\x62ortKVResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"M\n\x0e\x43laimKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\")\n\x0f\x43laimKVResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"[\n\x10\x43onnectKVRequest\x12\x11\n\tunique_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63omm_id\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"$\n\x11\x43onnectKVResponse\x12\x0f\n\x07\x63omm_id\x18\x01 \x01(\t\"\xab\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x12\n\ntransports\x18\x04 \x03(\t\x12\x0f\n\x07peer_id\x18\x05 \x01(\t\x12\x14\n\x0cpeer_host_id\x18\x06 \x01(\t\"J\n\x0fReserveResponse\x12\x37\n\ndescriptor\x18\x01 \x01(\x0b\x32#.stageserve.v1.KVTransferDescriptor\"O\n\x0ePushKVResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\"\xda\x01\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x30\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\"\x88\x01\n\nTokenEvent\x12+\n\x06tokens\x18\x01 \x03(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12\x19\n\x11num_output_tokens\x18\x03 \x01(\r\")\n\x13\x44\x65\x63odeCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x14\x44\x65\x63odeCancelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x14\n\x12\x44\x65\x63odeStatsRequest\"?\n\x13\x44\x65\x63odeStatsResponse\x12(\n\x04pool\x18\x01 \x01(\x0b\x32\x1a.stageserve.v1.KVPoolStats2\xe1\x04\n\x06\x44\x65\x63ode\x12H\n\x07Reserve\x12\x1d.stageserve.v1.ReserveRequest\x1a\x1e.stageserve.v1.ReserveResponse\x12\x41\n\x06PushKV\x12\x16.stageserve.v1.KVChunk\x1a\x1d.stageserve.v1.PushKVResponse(\x01\x12\x43\n\x06\x41ttach\x12\x1c.stageserve.v1.AttachRequest\x1a\x19.stageserve.v1.TokenEvent0\x01\x12Q\n\x06\x43\x61ncel\x12\".stageserve.v1.DecodeCancelRequest\x1a#.stageserve.v1.DecodeCancelResponse\x12N\n\x05Stats\x12!.stageserve.v1.DecodeStatsRequest\x1a\".stageserve.v1.DecodeStatsResponse\x12N\n\tConnectKV\x12\x1f.stageserve.v1.ConnectKVRequest\x1a .stageserve.v1.ConnectKVResponse\x12H\n\x07\x43laimKV\x12\x1d.stageserve.v1.ClaimKVRequest\x1a\x1e.stageserve.v1.ClaimKVResponse\x12H\n\x07\x41\x62ortKV\x12\x1d.stageserve.v1.AbortKVRequest\x1a\x1e.stageserve.v1.AbortKVResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astageserve/v1/decode.proto\x12\rstageserve.v1\x1a\x1astageserve/v1/common.proto\"\x83\x01\n\x07KVWrite\x12.\n\x05\x63laim\x18\x01 \x01(\x0b\x32\x1d.stageserve.v1.ClaimKVRequestH\x00\x12(\n\x06landed\x18\x02 \x01(\x0b\x32\x16.stageserve.v1.KVChunkH\x00\x12\x16\n\x0c\x61\x62ort_reason\x18\x03 \x01(\tH\x00\x42\x06\n\x04kind\"v\n\nKVWriteAck\x12\x31\n\x07\x63laimed\x18\x01 \x01(\x0b\x32\x1e.stageserve.v1.ClaimKVResponseH\x00\x12-\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1d.stageserve.v1.PushKVResponseH\x00\x42\x06\n\x04kind\"8\n\x0e\x41\x62ortKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\" \n\x0f\x41\x62ortKVResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"M\n\x0e\x43laimKVRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\")\n\x0f\x43laimKVResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\"[\n\x10\x43onnectKVRequest\x12\x11\n\tunique_id\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63omm_id\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"$\n\x11\x43onnectKVResponse\x12\x0f\n\x07\x63omm_id\x18\x01 \x01(\t\"\xab\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x12\n\ntransports\x18\x04 \x03(\t\x12\x0f\n\x07peer_id\x18\x05 \x01(\t\x12\x14\n\x0cpeer_host_id\x18\x06 \x01(\t\"J\n\x0fReserveResponse\x12\x37\n\ndescriptor\x18\x01 \x01(\x0b\x32#.stageserve.v1.KVTransferDescriptor\"O\n\x0ePushKVResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\"\xda\x01\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x30\n\x0b\x66irst_token\x18\x03 \x01(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\"\x88\x01\n\nTokenEvent\x12+\n\x06tokens\x18\x01 \x03(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12\x19\n\x11num_output_tokens\x18\x03 \x01(\r\")\n\x13\x44\x65\x63odeCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x14\x44\x65\x63odeCancelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x14\n\x12\x44\x65\x63odeStatsRequest\"?\n\x13\x44\x65\x63odeStatsResponse\x12(\n\x04pool\x18\x01 \x01(\x0b\x32\x1a.stageserve.v1.KVPoolStats2\xa3\x05\n\x06\x44\x65\x63ode\x12H\n\x07Reserve\x12\x1d.stageserve.v1.ReserveRequest\x1a\x1e.stageserve.v1.ReserveResponse\x12\x41\n\x06PushKV\x12\x16.stageserve.v1.KVChunk\x1a\x1d.stageserve.v1.PushKVResponse(\x01\x12\x43\n\x06\x41ttach\x12\x1c.stageserve.v1.AttachRequest\x1a\x19.stageserve.v1.TokenEvent0\x01\x12Q\n\x06\x43\x61ncel\x12\".stageserve.v1.DecodeCancelRequest\x1a#.stageserve.v1.DecodeCancelResponse\x12N\n\x05Stats\x12!.stageserve.v1.DecodeStatsRequest\x1a\".stageserve.v1.DecodeStatsResponse\x12N\n\tConnectKV\x12\x1f.stageserve.v1.ConnectKVRequest\x1a .stageserve.v1.ConnectKVResponse\x12H\n\x07\x43laimKV\x12\x1d.stageserve.v1.ClaimKVRequest\x1a\x1e.stageserve.v1.ClaimKVResponse\x12H\n\x07\x41\x62ortKV\x12\x1d.stageserve.v1.AbortKVRequest\x1a\x1e.stageserve.v1.AbortKVResponse\x12@\n\x07WriteKV\x12\x16.stageserve.v1.KVWrite\x1a\x19.stageserve.v1.KVWriteAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stageserve.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ABORTKVREQUEST']._serialized_start=73
-  _globals['_ABORTKVREQUEST']._serialized_end=129
-  _globals['_ABORTKVRESPONSE']._serialized_start=131
-  _globals['_ABORTKVRESPONSE']._serialized_end=163
-  _globals['_CLAIMKVREQUEST']._serialized_start=165
-  _globals['_CLAIMKVREQUEST']._serialized_end=242
-  _globals['_CLAIMKVRESPONSE']._serialized_start=244
-  _globals['_CLAIMKVRESPONSE']._serialized_end=285
-  _globals['_CONNECTKVREQUEST']._serialized_start=287
-  _globals['_CONNECTKVREQUEST']._serialized_end=378
-  _globals['_CONNECTKVRESPONSE']._serialized_start=380
-  _globals['_CONNECTKVRESPONSE']._serialized_end=416
-  _globals['_RESERVEREQUEST']._serialized_start=419
-  _globals['_RESERVEREQUEST']._serialized_end=590
-  _globals['_RESERVERESPONSE']._serialized_start=592
-  _globals['_RESERVERESPONSE']._serialized_end=666
-  _globals['_PUSHKVRESPONSE']._serialized_start=668
-  _globals['_PUSHKVRESPONSE']._serialized_end=747
-  _globals['_ATTACHREQUEST']._serialized_start=750
-  _globals['_ATTACHREQUEST']._serialized_end=968
-  _globals['_TOKENEVENT']._serialized_start=971
-  _globals['_TOKENEVENT']._serialized_end=1107
-  _globals['_DECODECANCELREQUEST']._serialized_start=1109
-  _globals['_DECODECANCELREQUEST']._serialized_end=1150
-  _globals['_DECODECANCELRESPONSE']._serialized_start=1152
-  _globals['_DECODECANCELRESPONSE']._serialized_end=1189
-  _globals['_DECODESTATSREQUEST']._serialized_start=1191
-  _globals['_DECODESTATSREQUEST']._serialized_end=1211
-  _globals['_DECODESTATSRESPONSE']._serialized_start=1213
-  _globals['_DECODESTATSRESPONSE']._serialized_end=1276
-  _globals['_DECODE']._serialized_start=1279
-  _globals['_DECODE']._serialized_end=1888
+  _globals['_KVWRITE']._serialized_start=74
+  _globals['_KVWRITE']._serialized_end=205
+  _globals['_KVWRITEACK']._serialized_start=207
+  _globals['_KVWRITEACK']._serialized_end=325
+  _globals['_ABORTKVREQUEST']._serialized_start=327
+  _globals['_ABORTKVREQUEST']._serialized_end=383
+  _globals['_ABORTKVRESPONSE']._serialized_start=385
+  _globals['_ABORTKVRESPONSE']._serialized_end=417
+  _globals['_CLAIMKVREQUEST']._serialized_start=419
+  _globals['_CLAIMKVREQUEST']._serialized_end=496
+  _globals['_CLAIMKVRESPONSE']._serialized_start=498
+  _globals['_CLAIMKVRESPONSE']._serialized_end=539
+  _globals['_CONNECTKVREQUEST']._serialized_start=541
+  _globals['_CONNECTKVREQUEST']._serialized_end=632
+  _globals['_CONNECTKVRESPONSE']._serialized_start=634
+  _globals['_CONNECTKVRESPONSE']._serialized_end=670
+  _globals['_RESERVEREQUEST']._serialized_start=673
+  _globals['_RESERVEREQUEST']._serialized_end=844
+  _globals['_RESERVERESPONSE']._serialized_start=846
+  _globals['_RESERVERESPONSE']._serialized_end=920
+  _globals['_PUSHKVRESPONSE']._serialized_start=922
+  _globals['_PUSHKVRESPONSE']._serialized_end=1001
+  _globals['_ATTACHREQUEST']._serialized_start=1004
+  _globals['_ATTACHREQUEST']._serialized_end=1222
+  _globals['_TOKENEVENT']._serialized_start=1225
+  _globals['_TOKENEVENT']._serialized_end=1361
+  _globals['_DECODECANCELREQUEST']._serialized_start=1363
+  _globals['_DECODECANCELREQUEST']._serialized_end=1404
+  _globals['_DECODECANCELRESPONSE']._serialized_start=1406
+  _globals['_DECODECANCELRESPONSE']._serialized_end=1443
+  _globals['_DECODESTATSREQUEST']._serialized_start=1445
+  _globals['_DECODESTATSREQUEST']._serialized_end=1465
+  _globals['_DECODESTATSRESPONSE']._serialized_start=1467
+  _globals['_DECODESTATSRESPONSE']._serialized_end=1530
+  _globals['_DECODE']._serialized_start=1533
+  _globals['_DECODE']._serialized_end=2208
 # @@protoc_insertion_point(module_scope)

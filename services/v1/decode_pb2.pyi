@@ -7,6 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class KVWrite(_message.Message):
+    __slots__ = ("claim", "landed", "abort_reason")
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    LANDED_FIELD_NUMBER: _ClassVar[int]
+    ABORT_REASON_FIELD_NUMBER: _ClassVar[int]
+    claim: ClaimKVRequest
+    landed: _common_pb2.KVChunk
+    abort_reason: str
+    def __init__(self, claim: _Optional[_Union[ClaimKVRequest, _Mapping]] = ..., landed: _Optional[_Union[_common_pb2.KVChunk, _Mapping]] = ..., abort_reason: _Optional[str] = ...) -> None: ...
+
+class KVWriteAck(_message.Message):
+    __slots__ = ("claimed", "done")
+    CLAIMED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    claimed: ClaimKVResponse
+    done: PushKVResponse
+    def __init__(self, claimed: _Optional[_Union[ClaimKVResponse, _Mapping]] = ..., done: _Optional[_Union[PushKVResponse, _Mapping]] = ...) -> None: ...
+
 class AbortKVRequest(_message.Message):
     __slots__ = ("reservation_id", "reason")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]

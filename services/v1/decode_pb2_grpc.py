@@ -76,6 +76,11 @@ class DecodeStub:
                 request_serializer=stageserve_dot_v1_dot_decode__pb2.AbortKVRequest.SerializeToString,
                 response_deserializer=stageserve_dot_v1_dot_decode__pb2.AbortKVResponse.FromString,
                 _registered_method=True)
+        self.WriteKV = channel.stream_stream(
+                '/stageserve.v1.Decode/WriteKV',
+                request_serializer=stageserve_dot_v1_dot_decode__pb2.KVWrite.SerializeToString,
+                response_deserializer=stageserve_dot_v1_dot_decode__pb2.KVWriteAck.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -129,6 +134,7 @@ class DecodeServicer:
         """"cuda-ipc": the sender asks to write into a reservation's blocks before it copies a byte. On success
         the blocks stay allocated until its PushKV stream ends or `lease_ms` passes, even if the reservation is
         cancelled meanwhile, so a one-sided copy never lands in blocks that were handed to another sequence.
+        Kept for senders of API version 1 before WriteKV, which folds this, PushKV and AbortKV into one stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +143,18 @@ class DecodeServicer:
     def AbortKV(self, request, context):
         """The sender gives up on a transfer (it failed on its side, its copies are over): the reservation ends
         at once and a waiting Attach fails with `reason`, instead of waiting for pages that will never come.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteKV(self, request_iterator, context):
+        """"cuda-ipc", one RPC per transfer: the claim, the completion and any abort of a one-sided write on
+        one stream (ClaimKV + PushKV + AbortKV folded). The writer sends `claim` and waits for `claimed`
+        before it copies a byte; then its out-of-band notices (the last `final`), or `abort_reason` once its
+        copies are over; decode answers the final notice with `done`. A half-close proves the writer's copies
+        are over (the blocks are freed at once if the reservation ended meanwhile); a broken stream does not,
+        and the blocks then wait out the claim's `lease_ms`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +202,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.AbortKV,
                     request_deserializer=stageserve_dot_v1_dot_decode__pb2.AbortKVRequest.FromString,
                     response_serializer=stageserve_dot_v1_dot_decode__pb2.AbortKVResponse.SerializeToString,
+            ),
+            'WriteKV': grpc.stream_stream_rpc_method_handler(
+                    servicer.WriteKV,
+                    request_deserializer=stageserve_dot_v1_dot_decode__pb2.KVWrite.FromString,
+                    response_serializer=stageserve_dot_v1_dot_decode__pb2.KVWriteAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +426,33 @@ class Decode:
             '/stageserve.v1.Decode/AbortKV',
             stageserve_dot_v1_dot_decode__pb2.AbortKVRequest.SerializeToString,
             stageserve_dot_v1_dot_decode__pb2.AbortKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteKV(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stageserve.v1.Decode/WriteKV',
+            stageserve_dot_v1_dot_decode__pb2.KVWrite.SerializeToString,
+            stageserve_dot_v1_dot_decode__pb2.KVWriteAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -292,3 +292,37 @@ def test_a_transfer_that_fails_at_the_sender_fails_attach_at_once(engines, token
     assert "the sender gave up: RuntimeError: the pool could not be read" in err.details()
     assert elapsed < 10  # not decode's 30 s wait
     assert free == (128, 128) and leases == (0, 0)
+
+
+def test_write_kv_claim_cancel_and_abort_over_one_stream_free_the_blocks(engines):
+    """WriteKV (cuda-ipc's one RPC per transfer) over real gRPC: a refused claim, then a claim that a
+    client cancel ends while the writer holds it: the blocks stay until the writer's abort on the same
+    stream, then both the blocks and the reservation are gone."""
+    prefill_engine, decode_engine, _ = engines
+
+    async def main():
+        async with Split() as split:
+            await split.start(prefill_engine, decode_engine)
+            reserved = (await split.decode.Reserve(decode_pb2.ReserveRequest(request_id="w", num_tokens=40))).descriptor
+            claim = decode_pb2.ClaimKVRequest(reservation_id=reserved.reservation_id, lease_ms=5000,
+                                              block_ids=list(reserved.block_ids))
+            refused = split.decode.WriteKV()
+            await refused.write(decode_pb2.KVWrite(claim=decode_pb2.ClaimKVRequest(
+                reservation_id=reserved.reservation_id, lease_ms=5000, block_ids=list(reserved.block_ids)[::-1])))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await refused.read()
+            call = split.decode.WriteKV()
+            await call.write(decode_pb2.KVWrite(claim=claim))
+            claimed = await call.read()
+            await split.decode.Cancel(decode_pb2.DecodeCancelRequest(request_id="w"))
+            held = (await split.decode.Stats(decode_pb2.DecodeStatsRequest())).pool.transfer_blocks
+            await call.write(decode_pb2.KVWrite(abort_reason="copies over, giving up"))
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            stats = (await split.decode.Stats(decode_pb2.DecodeStatsRequest())).pool
+            return err.value, claimed, held, stats
+
+    err, claimed, held, stats = run(main())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "block_ids" in err.details()
+    assert claimed.WhichOneof("kind") == "claimed" and held == 3
+    assert (stats.free_blocks, stats.active_reservations, stats.transfer_blocks) == (128, 0, 0)

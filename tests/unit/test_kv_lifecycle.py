@@ -16,9 +16,11 @@ import torch
 
 from stageserve.common.errors import DataLossError, InvalidArgumentError, NotFoundError, UnavailableError
 from stageserve.transport.base import KVDescriptor, KVLayout, KVSource
-from stageserve.transport.host import HostKVSender
+from stageserve.transport.checksum import page_checksum
+from stageserve.transport.host import HostKVSender, validate_chunk
 from stageserve.transport.lifecycle import LeaseState, LeaseTable, Reservation, ReservationTable, TransferState
 from stageserve.transport.receive import KVLanding
+from stageserve.v1 import common_pb2, decode_pb2
 
 LAYOUT = KVLayout(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 NUM_BLOCKS = 16
@@ -295,3 +297,192 @@ def test_lease_table_counts_open_leases_until_closed():
     leases.close(b, LeaseState.ABORTED, "decode rejected the pages")
     assert (len(leases), leases.num_blocks) == (0, 0)
     assert b.error == "decode rejected the pages"
+
+
+# ---- WriteKV: a one-sided writer's claim, notices and abort on one stream (cuda-ipc) ----------------
+
+
+class FakeWriter:
+    """One WriteKV stream into the real `KVLanding.receive_writes`; the test plays the cuda-ipc writer,
+    copying pages straight into the decode pool as the GPU copy would."""
+
+    def __init__(self, decode: FakeDecode, reservation: Reservation):
+        self.decode, self.reservation = decode, reservation
+        self.source = FakeRunner(seed=2).kv_pool
+        self.src = list(range(len(reservation.block_ids)))
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.acks = decode.landing.receive_writes(self._writes(), decode.table, max_lease_s=30.0)
+
+    async def _writes(self):
+        while (item := await self._queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def say(self, item) -> decode_pb2.KVWriteAck | None:
+        """Send one message (None: half-close; an exception: the stream breaks) and read decode's next ack."""
+        self._queue.put_nowait(item)
+        return await anext(self.acks, None)
+
+    def claim(self, lease_ms: int = 30_000, block_ids=None) -> decode_pb2.KVWrite:
+        ids = self.reservation.block_ids if block_ids is None else block_ids
+        return decode_pb2.KVWrite(claim=decode_pb2.ClaimKVRequest(
+            reservation_id=self.reservation.reservation_id, lease_ms=lease_ms, block_ids=ids))
+
+    def copy(self, first: int = 0, last: int = LAYOUT.num_layers) -> None:
+        dst = torch.tensor(self.reservation.block_ids)
+        self.decode.runner.kv_pool[first:last].index_copy_(2, dst, self.source[first:last].index_select(2, torch.tensor(self.src)))
+
+    def notice(self, first: int = 0, last: int = LAYOUT.num_layers, index: int = 0, checksum: bool = True):
+        chunk = common_pb2.KVChunk(
+            reservation_id=self.reservation.reservation_id, layer_index=first, num_layers=last - first,
+            block_ids=self.reservation.block_ids, dtype=common_pb2.DTYPE_FLOAT32,
+            shape=LAYOUT.page_shape(len(self.src)), chunk_index=index, final=last >= LAYOUT.num_layers,
+            out_of_band=True,
+        )
+        if checksum and last <= LAYOUT.num_layers:
+            chunk.page_checksum = page_checksum(self.source[first:last].index_select(2, torch.tensor(self.src)))
+        return decode_pb2.KVWrite(landed=chunk)
+
+
+def ipc_reservation(decode: FakeDecode, request_id: str, num_blocks: int = 3, ttl_s: float = 30.0) -> Reservation:
+    return decode.reserve(request_id, num_blocks, ttl_s, transport="cuda-ipc")
+
+
+def test_write_claims_then_one_notice_for_every_layer_lands_it():
+    async def main():
+        decode = FakeDecode()
+        reservation = ipc_reservation(decode, "w")
+        writer = FakeWriter(decode, reservation)
+        assert (await writer.say(writer.claim())).WhichOneof("kind") == "claimed"
+        assert reservation.state is TransferState.RECEIVING and reservation.writer_deadline is not None
+        writer.copy()
+        done = await writer.say(writer.notice())
+        assert done.done.num_chunks == 1 and done.done.num_bytes == 3 * 3 * LAYOUT.bytes_per_block_layer
+        assert await anext(writer.acks, None) is None  # the stream ends after `done`
+        await attach(decode.table, reservation)
+        return decode, reservation
+
+    decode, reservation = run(main())
+    assert reservation.state is TransferState.ATTACHED and reservation.writer_deadline is None
+    assert decode.table.num_blocks == 0
+
+
+def test_write_refused_claims_leave_the_reservation_untouched():
+    async def main():
+        decode = FakeDecode()
+        reservation, other = ipc_reservation(decode, "r"), ipc_reservation(decode, "o")
+        with pytest.raises(InvalidArgumentError, match="block_ids"):  # aimed at another sequence's blocks
+            await FakeWriter(decode, reservation).say(FakeWriter(decode, reservation).claim(block_ids=other.block_ids))
+        with pytest.raises(InvalidArgumentError, match="lease_ms"):
+            await FakeWriter(decode, reservation).say(FakeWriter(decode, reservation).claim(lease_ms=60_000))
+        writer = FakeWriter(decode, reservation)
+        with pytest.raises(InvalidArgumentError, match="must claim"):  # a notice before any claim
+            await writer.say(writer.notice())
+        return reservation
+
+    reservation = run(main())
+    assert reservation.state is TransferState.RESERVED and reservation.writer_deadline is None
+
+
+def test_write_cancelled_by_the_client_keeps_the_blocks_until_the_writers_last_notice():
+    async def main():
+        decode = FakeDecode()
+        reservation = ipc_reservation(decode, "c")
+        writer = FakeWriter(decode, reservation)
+        await writer.say(writer.claim())
+        await decode.table.end(reservation, TransferState.RELEASED, "client cancelled")  # mid-copy
+        held_while_copying = NUM_BLOCKS - len(decode.free_list)
+        writer.copy()
+        with pytest.raises(InvalidArgumentError, match="released"):
+            await writer.say(writer.notice())
+        return decode, held_while_copying
+
+    decode, held_while_copying = run(main())
+    assert held_while_copying == 3
+    assert len(decode.free_list) == NUM_BLOCKS and decode.table.num_blocks == 0
+
+
+def test_write_abort_from_the_writer_frees_at_once_and_fails_the_attach():
+    async def main():
+        decode = FakeDecode()
+        reservation = ipc_reservation(decode, "a")
+        writer = FakeWriter(decode, reservation)
+        await writer.say(writer.claim())
+        assert await writer.say(decode_pb2.KVWrite(abort_reason="prefill cancelled")) is None
+        with pytest.raises(UnavailableError, match="gave up: prefill cancelled"):
+            await attach(decode.table, reservation)
+        return decode, reservation
+
+    decode, reservation = run(main())
+    assert reservation.state is TransferState.ABORTED
+    assert len(decode.free_list) == NUM_BLOCKS and decode.table.num_blocks == 0
+
+
+def test_write_from_a_writer_that_died_holds_the_blocks_until_its_lease_ends():
+    async def main():
+        decode = FakeDecode()
+        reservation = ipc_reservation(decode, "d")
+        writer = FakeWriter(decode, reservation)
+        await writer.say(writer.claim(lease_ms=10))
+        with pytest.raises(ConnectionResetError):
+            await writer.say(ConnectionResetError("prefill worker died"))
+        held = NUM_BLOCKS - len(decode.free_list)  # its copies may still be running on the GPU
+        await asyncio.sleep(0.02)
+        await decode.table.expire()
+        with pytest.raises(UnavailableError, match="stream broke"):
+            await attach(decode.table, reservation)
+        return decode, held
+
+    decode, held = run(main())
+    assert held == 3 and len(decode.free_list) == NUM_BLOCKS
+
+
+@pytest.mark.parametrize("fault", ["layers_past_the_pool", "checksum", "half_close"])
+def test_write_with_a_bad_final_notice_fails_closed_and_frees_at_once(fault):
+    async def main():
+        decode = FakeDecode()
+        reservation = ipc_reservation(decode, "b")
+        writer = FakeWriter(decode, reservation)
+        await writer.say(writer.claim())
+        writer.copy()
+        if fault == "layers_past_the_pool":
+            bad, error = writer.notice(1, LAYOUT.num_layers + 1), (InvalidArgumentError, "num_layers")
+        elif fault == "checksum":
+            decode.runner.kv_pool[1, 0, reservation.block_ids[0], 0, 0, 0] += 1  # one value corrupted
+            bad, error = writer.notice(), (DataLossError, "page_checksum")
+        else:
+            bad, error = None, (InvalidArgumentError, "before every layer")
+        with pytest.raises(error[0], match=error[1]):
+            await writer.say(bad)
+        return decode, reservation
+
+    decode, reservation = run(main())
+    assert reservation.state is TransferState.ABORTED and not reservation.received
+    assert len(decode.free_list) == NUM_BLOCKS and decode.table.num_blocks == 0
+
+
+def test_write_layer_by_layer_rejected_midway_waits_for_the_writers_final_notice():
+    async def main():
+        decode = FakeDecode()
+        reservation = ipc_reservation(decode, "l")
+        writer = FakeWriter(decode, reservation)
+        await writer.say(writer.claim())
+        writer.copy(0, 1)
+        writer._queue.put_nowait(writer.notice(0, 1, 0))
+        writer._queue.put_nowait(writer.notice(1, 2, index=5))  # out of order: rejected
+        writer._queue.put_nowait(writer.notice(2, 3, index=2))  # layer 2's copy: the writer's last word
+        with pytest.raises(InvalidArgumentError, match="chunk_index"):
+            await anext(writer.acks)
+        return decode
+
+    decode = run(main())
+    assert len(decode.free_list) == NUM_BLOCKS and decode.table.num_blocks == 0
+
+
+def test_only_out_of_band_chunks_may_cover_several_layers():
+    reservation = Reservation("r", "q", (0, 1), LAYOUT, time.monotonic() + 30, transport="cuda-ipc")
+    chunk = common_pb2.KVChunk(reservation_id="r", layer_index=0, num_layers=2, block_ids=[0, 1],
+                               dtype=common_pb2.DTYPE_FLOAT32, shape=LAYOUT.page_shape(2), data=b"\0" * 8)
+    with pytest.raises(InvalidArgumentError, match="num_layers"):
+        validate_chunk(chunk, reservation, LAYOUT)
