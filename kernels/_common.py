@@ -31,6 +31,28 @@ def gemv_block_n(n: int, sms: int) -> int:
     return max(2, min(16, 1 << max(0, (n // (4 * sms)).bit_length() - 1)))
 
 
+def cuda_graph_time(fn, calls: int = 10, replays: int = 5) -> float:
+    """Median GPU seconds per `fn()`: `calls` calls captured in one CUDA graph, replayed. Host launch costs
+    (tens of microseconds for a Triton launch, more than a small kernel runs) are not counted, as they are
+    not in a CUDA-graph decode step; timing single eager calls would pick kernels by launch overhead."""
+    fn()  # compiles, and warms the allocator for the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()  # the first replay uploads the graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
 def check_tensor(
     t: torch.Tensor,
     name: str,

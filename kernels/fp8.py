@@ -71,20 +71,20 @@ def _fp8_gemv_kernel(
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rows = tl.arange(0, BLOCK_M)
+    rm = tl.minimum(rows, M - 1)  # rows past M redo M - 1 (not stored)
     ks = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + ks[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)  # element-wise until the end: no shuffles
     for k0 in range(0, K, BLOCK_K):
         k_ok = k0 + ks < K
         w = tl.load(w_rows + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-        for i in tl.static_range(BLOCK_M):
-            m = tl.minimum(i, M - 1)
-            x = tl.load(x_ptr + m * stride_xm + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
-            acc += tl.where(rows[:, None] == i, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
-    xs = tl.load(xs_ptr + tl.minimum(rows, M - 1))
+        x = tl.load(x_rows + k0, mask=k_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
+        acc += w[None, :, :] * x[:, None, :]
+    xs = tl.load(xs_ptr + rm)
     ws = tl.load(ws_ptr + rn * WS_STRIDE, mask=n_ok, other=0.0)
     out = out_ptr + rows[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out, (acc * xs[:, None] * ws[None, :]).to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & n_ok[None, :])
+    tl.store(out, (tl.sum(acc, axis=2) * xs[:, None] * ws[None, :]).to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & n_ok[None, :])
 
 
 def fp8_gemv(
@@ -112,6 +112,7 @@ def fp8_gemv(
         block_n = 4 if interpreting() else gemv_block_n(n, num_sms(device))
     if block_k is None:  # 16 bytes a thread: 2 KiB of weight per step at 4 warps
         block_k = 32 if interpreting() else max(16, 2048 // block_n)
+    block_k = min(block_k, next_pow2(k))
     _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
         xq, x_scale, wq, w_scale, out, m, n, k,
         xq.stride(0), wq.stride(0), out.stride(0), 0 if w_scale.numel() == 1 else 1,

@@ -9,12 +9,15 @@ and GGUF Q8_0 (group 32):
     offsets  [N, K // group] same dtype, or None:   w[n, k] = q[n, k] * scales[n, g] + offsets[n, g],  g = k // group
 
     quant_gemv  small batches (decode): each program owns BLOCK_N output rows and streams them once for all
-                BLOCK_M <= 8 inputs, so at batch 1 every weight byte is read exactly once. It sums q * x per
-                group before scaling (sum_k (q s + o) x = s sum_k q x + o sum_k x): one multiply-add per
-                weight, with CUDA cores, whose rate is what bounds a 4-bit GEMV once loads are wide.
-    quant_mm    larger batches: [BLOCK_M, BLOCK_N] tiles; each K step dequantizes a [BLOCK_N, BLOCK_K] weight
-                tile in registers (shared by all BLOCK_M rows) and runs one tensor-core dot.
+                BLOCK_M <= 8 inputs, so at batch 1 every weight byte is read exactly once. Tiles stay 2-D/3-D
+                and element-wise (one reduction at the very end), which Triton compiles to plain FMAs.
+    quant_mm    larger batches: [BLOCK_M, BLOCK_N] tiles; each K step splits a tile of words into its
+                code planes, dequantizes each in registers and runs one tensor-core dot per plane.
     dequantize  the weight in the activation dtype, for the dequantize + cuBLAS GEMM fallback at large batch.
+
+Code p of word j of a row is element PER * j + p (PER = 8 nibbles or 4 bytes a word), so a "plane" (code p
+of every word in a tile) meets the inputs x[PER * j + p]: strided loads of x, which are few (x is tiny
+next to the weight) and stay in L1.
 """
 
 from __future__ import annotations
@@ -51,9 +54,9 @@ GEMV_MAX_M = 8  # quant_gemv unrolls its rows and does M multiply-adds per weigh
 
 
 @triton.jit
-def _codes(words, shifts, BITS: tl.constexpr):
-    """int32 words [..., 1] shifted by [..., PER] -> float32 codes [..., PER] (exact integers)."""
-    v = (words >> shifts) & ((1 << BITS) - 1)
+def _codes(words, shift: tl.constexpr, BITS: tl.constexpr):
+    """Code `shift / BITS` of every int32 word, as float32 (exact integers)."""
+    v = (words >> shift) & ((1 << BITS) - 1)
     if BITS == 4:
         return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     else:
@@ -70,78 +73,51 @@ def _quant_gemv_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr,  # 4 or 8
-    GROUP: tl.constexpr,  # elements per scale, or the K tile when PER_CHANNEL
+    GROUP: tl.constexpr,  # elements per scale (unused with PER_CHANNEL)
     PER_CHANNEL: tl.constexpr,  # one scale per row, applied after the whole K loop
     HAS_OFFSET: tl.constexpr,
-    GROUPS: tl.constexpr,  # groups per K step
-    BLOCK_M: tl.constexpr,  # input rows per program, unrolled: each weight tile is unpacked once for all
+    BLOCK_M: tl.constexpr,  # input rows per program: each weight tile is unpacked once for all of them
     BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,  # words per row per K step
 ):  # fmt: skip
-    PER: tl.constexpr = 32 // BITS  # codes per word
-    WPG: tl.constexpr = GROUP // PER  # words per group
+    """Every tensor is 2-D or 3-D and element-wise until one reduction at the end. A [BLOCK_N, BLOCK_W]
+    tile of words is taken apart code by code ("planes": code p of every word), each plane multiplied
+    with the inputs it meets (x[PER * word + p], a strided load that stays in L1) and summed per word;
+    the word sums are scaled by their group's scale (and the group's offset times the inputs' sum)."""
+    PER: tl.constexpr = 32 // BITS
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m0 = tl.program_id(1) * BLOCK_M
     n_ok = rn < N
     rn64 = rn.to(tl.int64)
-    gs = tl.arange(0, GROUPS)
-    js = tl.arange(0, WPG)
-    ps = tl.arange(0, PER)
-    shifts = (ps * BITS)[None, None, None, :]
-    rows = tl.arange(0, BLOCK_M)
-    num_groups = K // GROUP
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g0 in range(0, num_groups, GROUPS):
-        g = g0 + gs  # [GROUPS]
-        g_ok = g < num_groups
-        word = g[:, None] * WPG + js[None, :]  # [GROUPS, WPG]
-        w = tl.load(
-            w_ptr + rn64[:, None, None] * stride_wn + word[None, :, :],
-            mask=n_ok[:, None, None] & g_ok[None, :, None], other=0,
-        )  # [BLOCK_N, GROUPS, WPG]
-        q = _codes(w[:, :, :, None], shifts, BITS)  # [BLOCK_N, GROUPS, WPG, PER]
-        k = word[:, :, None] * PER + ps[None, None, :]  # [GROUPS, WPG, PER]
-        if not PER_CHANNEL:
-            sg_mask = n_ok[:, None] & g_ok[None, :]
-            s = tl.load(s_ptr + rn64[:, None] * stride_sn + g[None, :], mask=sg_mask, other=0.0).to(tl.float32)
+    rm = tl.minimum(tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M), M - 1)  # rows past M redo M - 1 (not stored)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    cs = tl.arange(0, BLOCK_W)
+    num_words = K // PER
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+    for w0 in range(0, num_words, BLOCK_W):
+        col = w0 + cs  # [BLOCK_W] word index
+        c_ok = col < num_words
+        w = tl.load(w_ptr + rn64[:, None] * stride_wn + col[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0)
+        part = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+        for p in tl.static_range(PER):
+            x = tl.load(x_rows + (col * PER + p)[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_W]
+            part += _codes(w, p * BITS, BITS)[None, :, :] * x[:, None, :]
             if HAS_OFFSET:
-                o = tl.load(o_ptr + rn64[:, None] * stride_sn + g[None, :], mask=sg_mask, other=0.0).to(tl.float32)
-        for i in tl.static_range(BLOCK_M):
-            m = tl.minimum(m0 + i, M - 1)  # rows past M recompute row M - 1; the store skips them
-            x = tl.load(x_ptr + m * stride_xm + k, mask=g_ok[:, None, None], other=0.0).to(tl.float32)
-            part = tl.sum(tl.sum(q * x[None, :, :, :], axis=3), axis=2)  # [BLOCK_N, GROUPS]: sums of q * x
-            if PER_CHANNEL:
-                row = tl.sum(part, axis=1)
-            else:
-                scaled = part * s
-                if HAS_OFFSET:
-                    scaled += o * tl.sum(tl.sum(x, axis=2), axis=1)[None, :]
-                row = tl.sum(scaled, axis=1)  # [BLOCK_N]
-            acc += tl.where(rows[:, None] == i, row[None, :], 0.0)
+                xsum += x
+        if PER_CHANNEL:
+            acc += part
+        else:
+            at = rn64[:, None] * stride_sn + (col // (GROUP // PER))[None, :]  # each word lies in one group
+            sg_mask = n_ok[:, None] & c_ok[None, :]
+            acc += part * tl.load(s_ptr + at, mask=sg_mask, other=0.0).to(tl.float32)[None, :, :]
+            if HAS_OFFSET:
+                acc += xsum[:, None, :] * tl.load(o_ptr + at, mask=sg_mask, other=0.0).to(tl.float32)[None, :, :]
+    out_val = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if PER_CHANNEL:
-        acc *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    rm = m0 + rows
-    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _dequant_tile(w_ptr, s_ptr, o_ptr, rn64, n_ok, k0, stride_wn, stride_sn,
-                  BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """Rows rn of the weight, elements k0 .. k0 + BLOCK_K, dequantized: float32 [BLOCK_N, BLOCK_K / PER, PER]
-    (without the per-channel scale, which the callers apply to their results)."""
-    PER: tl.constexpr = 32 // BITS
-    js = tl.arange(0, BLOCK_K // PER)
-    ps = tl.arange(0, PER)
-    w = tl.load(w_ptr + rn64[:, None] * stride_wn + (k0 // PER + js)[None, :], mask=n_ok[:, None], other=0)
-    q = _codes(w[:, :, None], (ps * BITS)[None, None, :], BITS)  # [BLOCK_N, BLOCK_K / PER, PER]
-    if not PER_CHANNEL:
-        g = (k0 + js * PER) // GROUP  # each word lies in one group
-        at = rn64[:, None] * stride_sn + g[None, :]
-        q = q * tl.load(s_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-        if HAS_OFFSET:
-            q += tl.load(o_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-    return q
+        out_val *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out, out_val.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -150,22 +126,37 @@ def _quant_mm_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,  # BLOCK_W >= 16 words per K step
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
+    """Per K step, a [BLOCK_N, BLOCK_W] tile of words becomes PER planes (code p of every word), each
+    dequantized in registers (scale and offset of its word's group) and multiplied on tensor cores with the
+    inputs it meets, x[:, PER * word + p]: PER dots of depth BLOCK_W."""
+    PER: tl.constexpr = 32 // BITS
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
     rn64 = rn.to(tl.int64)
-    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    cs = tl.arange(0, BLOCK_W)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
     dot_dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = _dequant_tile(w_ptr, s_ptr, o_ptr, rn64, n_ok, k0, stride_wn, stride_sn,
-                          BITS, GROUP, PER_CHANNEL, HAS_OFFSET, BLOCK_N, BLOCK_K)  # fmt: skip
-        w = tl.reshape(w.to(dot_dtype), [BLOCK_N, BLOCK_K])
-        x = tl.load(x_rows + k0, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
-        acc += mma(x, tl.trans(w), DOT_PRECISION, DOT_UPCAST)
+    for w0 in range(0, K // PER, BLOCK_W):
+        col = w0 + cs
+        w = tl.load(w_ptr + rn64[:, None] * stride_wn + col[None, :], mask=n_ok[:, None], other=0)  # [BLOCK_N, BLOCK_W]
+        if not PER_CHANNEL:
+            at = rn64[:, None] * stride_sn + (col // (GROUP // PER))[None, :]
+            s = tl.load(s_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            if HAS_OFFSET:
+                o = tl.load(o_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        for p in tl.static_range(PER):
+            q = _codes(w, p * BITS, BITS)
+            if not PER_CHANNEL:
+                q = q * s
+                if HAS_OFFSET:
+                    q += o
+            x = tl.load(x_rows + (col * PER + p)[None, :], mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_W]
+            acc += mma(x, tl.trans(q.to(dot_dtype)), DOT_PRECISION, DOT_UPCAST)
     if PER_CHANNEL:
         acc *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
@@ -178,19 +169,27 @@ def _dequantize_kernel(
     N, K,
     stride_wn, stride_sn, stride_on,
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     PER: tl.constexpr = 32 // BITS
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
+    col = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     n_ok = rn < N
     rn64 = rn.to(tl.int64)
-    w = _dequant_tile(w_ptr, s_ptr, o_ptr, rn64, n_ok, k0, stride_wn, stride_sn,
-                      BITS, GROUP, PER_CHANNEL, HAS_OFFSET, BLOCK_N, BLOCK_K)  # fmt: skip
+    w = tl.load(w_ptr + rn64[:, None] * stride_wn + col[None, :], mask=n_ok[:, None], other=0)
     if PER_CHANNEL:
-        w *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None, None]
-    k = k0 + tl.arange(0, BLOCK_K // PER)[:, None] * PER + tl.arange(0, PER)[None, :]  # [BLOCK_K / PER, PER]
-    tl.store(out_ptr + rn64[:, None, None] * stride_on + k[None, :, :], w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None, None])
+        s = tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    else:
+        at = rn64[:, None] * stride_sn + (col // (GROUP // PER))[None, :]
+        s = tl.load(s_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            o = tl.load(o_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
+    dst = out_ptr + rn64[:, None] * stride_on + (col * PER)[None, :]
+    for p in tl.static_range(PER):
+        v = _codes(w, p * BITS, BITS) * s
+        if HAS_OFFSET:
+            v += o
+        tl.store(dst + p, v.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
 # -- wrappers -----------------------------------------------------------------------------------------
@@ -249,33 +248,32 @@ def quant_gemv(
     bits: int,
     *,
     block_n: int | None = None,
-    tile_words: int | None = None,  # words of weight per program per K step (all its rows)
-    block_m: int | None = None,
+    block_w: int | None = None,  # words per row per K step
     num_warps: int | None = None,
     out: torch.Tensor | None = None,  # [M, N]
 ) -> torch.Tensor:  # [M, N]
     m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
     assert 1 <= m <= GEMV_MAX_M, f"quant_gemv takes 1..{GEMV_MAX_M} rows, got {m}; use quant_mm"
-    if block_m is None:
-        block_m = next_pow2(m)
+    words = k * bits // 32
     if block_n is None:
         block_n = 4 if interpreting() else gemv_block_n(n, num_sms(x.device))
-    if tile_words is None:  # 2 KiB of weight per step at 4 warps: one 16-byte load per thread
-        tile_words = 64 if interpreting() else 512
-    wpg = tile // (32 // bits)
-    groups = max(1, min(tile_words // (block_n * wpg), next_pow2(k // tile)))
+    if block_w is None:  # 2 KiB of weight per program per step at 4 warps: one 16-byte load per thread
+        block_w = 16 if interpreting() else max(4, 512 // block_n)
+    block_w = min(block_w, next_pow2(words))
+    block_m = next_pow2(m)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _quant_gemv_kernel[grid](
         x, _words(qweight), scales, scales if offsets is None else offsets, out, m, n, k,
         x.stride(0), qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
-        BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None, GROUPS=groups,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or (1 if interpreting() else 4),
+        BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=num_warps or (1 if interpreting() else 4),
     )  # fmt: skip
     return out
 
 
-def _block_k(k: int) -> int:
-    return next(t for t in (128, 64, 32) if k % t == 0)
+def _block_w(words: int, choices=(64, 32, 16)) -> int:
+    """The largest word count per K step that divides a row (the kernels' K loops are unmasked)."""
+    return next(w for w in choices if words % w == 0)
 
 
 def quant_mm(
@@ -287,7 +285,7 @@ def quant_mm(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
-    block_k: int | None = None,
+    block_w: int | None = None,  # words per row per K step, >= 16 (the depth of each plane's dot)
     num_warps: int | None = None,
     num_stages: int | None = None,
     out: torch.Tensor | None = None,  # [M, N]
@@ -295,19 +293,20 @@ def quant_mm(
     m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
     if m == 0:
         return out
+    words = k * bits // 32
     if block_m is None:
         block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
     if block_n is None:  # small M is weight-bound: narrow tiles for more programs; large M: wider for reuse
         block_n = 16 if interpreting() else (64 if block_m <= 64 else 128)
-    if block_k is None:
-        block_k = 32 if interpreting() else _block_k(k)
-    assert k % block_k == 0, f"K={k} is not a multiple of block_k={block_k}"
+    if block_w is None:
+        block_w = 16 if interpreting() else _block_w(words, (32, 16))
+    assert block_w >= 16 and words % block_w == 0, f"K={k}: {words} words per row is not a multiple of block_w={block_w}"
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _quant_mm_kernel[grid](
         x, _words(qweight), scales, scales if offsets is None else offsets, out, m, n, k,
         x.stride(0), qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
         BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **dot_flags(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, **dot_flags(x.dtype),
         num_warps=num_warps or (1 if interpreting() else (8 if block_m >= 64 else 4)),
         num_stages=num_stages or (1 if interpreting() else 3),
     )  # fmt: skip
@@ -327,11 +326,12 @@ def dequantize(
         out = torch.empty(n, k, dtype=dtype, device=qweight.device)
     check_tensor(out, "out", shape=(n, k), dtypes=(dtype,), device=qweight.device)
     assert dtype in FLOAT_DTYPES
-    block_n, block_k = (16, 32) if interpreting() else (32, _block_k(k))
-    _dequantize_kernel[(triton.cdiv(n, block_n), k // block_k)](
+    words = k * bits // 32
+    block_n, block_w = (16, 4) if interpreting() else (32, _block_w(words, (32, 16, 8, 4)))
+    _dequantize_kernel[(triton.cdiv(n, block_n), words // block_w)](
         _words(qweight), scales, scales if offsets is None else offsets, out, n, k,
         qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
         BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_N=block_n, BLOCK_W=block_w,
     )  # fmt: skip
     return out

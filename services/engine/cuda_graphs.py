@@ -169,6 +169,7 @@ class CudaGraphRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     logits = self._forward(bucket, q)
+                graph.replay()  # the first replay uploads the graph: here, not in a served (and timed) step
                 self.captured[bucket, q] = _Captured(graph, logits)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()

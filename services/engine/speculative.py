@@ -72,7 +72,9 @@ class SpeculativeConfig:
 class StepCostModel:
     """Measured wall time of decode and verify steps by shape: (sequences B, query tokens per sequence Q).
 
-    A decayed mean per measured shape. An unmeasured verify shape (Q > 1) is estimated only once the plain
+    A decayed mean per measured shape, in which the second sample replaces the first: the first run of a
+    shape pays one-time costs (allocator growth, cold caches, lazy initialisation) that make it look slower
+    than it is, and a verify shape that looks slow would not be tried again for a long time. An unmeasured verify shape (Q > 1) is estimated only once the plain
     step of its batch size is measured, by the largest of three lower bounds, so that it is never thought
     cheaper than what was measured:
 
@@ -86,10 +88,12 @@ class StepCostModel:
         self.prior_token_cost = prior_token_cost
         self.decay = decay
         self.times: dict[tuple[int, int], float] = {}
+        self.samples: dict[tuple[int, int], int] = {}
 
     def observe(self, batch: int, query_len: int, seconds: float) -> None:
         shape = (batch, query_len)
-        old = self.times.get(shape)
+        self.samples[shape] = self.samples.get(shape, 0) + 1
+        old = self.times.get(shape) if self.samples[shape] > 2 else None
         self.times[shape] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
     def measured(self, batch: int, query_len: int) -> bool:

@@ -126,8 +126,10 @@ def test_cost_model_estimates_unmeasured_verify_shapes_from_below():
     assert abs(costs.time(4, 5) - 8.0) < 1e-9
     assert abs(costs.time(4, 2) - 8.0 * 1.1 / 1.4) < 1e-9
     assert costs.measured(1, 5) and not costs.measured(4, 5)
-    costs.observe(1, 5, 18.0)  # a decayed mean per shape
-    assert abs(costs.time(1, 5) - 9.0) < 1e-9
+    costs.observe(1, 5, 2.0)  # the second sample replaces the first (which paid one-time costs)...
+    assert abs(costs.time(1, 5) - 2.0) < 1e-9
+    costs.observe(1, 5, 12.0)  # ...then a decayed mean
+    assert abs(costs.time(1, 5) - 3.0) < 1e-9
 
 
 def test_adaptive_k_waits_for_a_measured_plain_step_at_its_batch_size():

@@ -260,16 +260,11 @@ def _choose(spec: QuantSpec, key: tuple, fixed: str, candidates, x: torch.Tensor
     return spec.choices[key]
 
 
-def _time_cuda(fn, x: torch.Tensor, iters: int = 5) -> float:
-    """Seconds of fn(x) on the current stream (the first call also compiles, so it is not timed)."""
-    fn(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn(x)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+def _time_cuda(fn, x: torch.Tensor) -> float:
+    """GPU seconds of fn(x), from calls replayed in a CUDA graph (launch costs excluded, as in decode)."""
+    from stageserve.kernels._common import cuda_graph_time
+
+    return cuda_graph_time(lambda: fn(x))
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, spec: QuantSpec | None) -> nn.Module:
