@@ -27,8 +27,8 @@ def next_pow2(n: int) -> int:
 
 def gemv_block_n(n: int, sms: int) -> int:
     """Output rows per program of a GEMV that streams each row once: about 4 programs per SM, so enough
-    loads stay in flight, and 2..16 rows."""
-    return max(2, min(16, 1 << max(0, (n // (4 * sms)).bit_length() - 1)))
+    loads stay in flight, and 2..8 rows."""
+    return max(2, min(8, 1 << max(0, (n // (4 * sms)).bit_length() - 1)))
 
 
 def cuda_graph_time(fn, calls: int = 10, replays: int = 5) -> float:

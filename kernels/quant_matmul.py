@@ -64,6 +64,55 @@ def _codes(words, shift: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _plane(w, s, o, shift: tl.constexpr, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """Code `shift / BITS` of every word, dequantized with its word's group scale (and offset)."""
+    q = _codes(w, shift, BITS)
+    if not PER_CHANNEL:
+        q = q * s
+        if HAS_OFFSET:
+            q += o
+    return q
+
+
+@triton.jit
+def _k_order(w, s, o, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
+    """Words [BLOCK_N, BLOCK_W] -> dequantized float32 [BLOCK_N, BLOCK_W * PER] in k order. Each join adds
+    an in-register axis (one bit of the code's index p, most significant first), so the reshape that
+    flattens them moves no data."""
+    if BITS == 4:
+        t = tl.join(
+            tl.join(tl.join(_plane(w, s, o, 0, 4, PER_CHANNEL, HAS_OFFSET), _plane(w, s, o, 16, 4, PER_CHANNEL, HAS_OFFSET)),
+                    tl.join(_plane(w, s, o, 8, 4, PER_CHANNEL, HAS_OFFSET), _plane(w, s, o, 24, 4, PER_CHANNEL, HAS_OFFSET))),
+            tl.join(tl.join(_plane(w, s, o, 4, 4, PER_CHANNEL, HAS_OFFSET), _plane(w, s, o, 20, 4, PER_CHANNEL, HAS_OFFSET)),
+                    tl.join(_plane(w, s, o, 12, 4, PER_CHANNEL, HAS_OFFSET), _plane(w, s, o, 28, 4, PER_CHANNEL, HAS_OFFSET))),
+        )  # fmt: skip
+        return tl.reshape(t, [BLOCK_N, BLOCK_W * 8])
+    else:
+        t = tl.join(
+            tl.join(_plane(w, s, o, 0, 8, PER_CHANNEL, HAS_OFFSET), _plane(w, s, o, 16, 8, PER_CHANNEL, HAS_OFFSET)),
+            tl.join(_plane(w, s, o, 8, 8, PER_CHANNEL, HAS_OFFSET), _plane(w, s, o, 24, 8, PER_CHANNEL, HAS_OFFSET)),
+        )  # fmt: skip
+        return tl.reshape(t, [BLOCK_N, BLOCK_W * 4])
+
+
+@triton.jit
+def _load_words(w_ptr, s_ptr, o_ptr, rn64, n_ok, col, c_ok, stride_wn, stride_sn,
+                GROUP: tl.constexpr, PER: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr):  # fmt: skip
+    """A [BLOCK_N, BLOCK_W] tile of words and, per word, its group's scale and offset (L1-cached repeats)."""
+    mask = n_ok[:, None] & c_ok[None, :]
+    w = tl.load(w_ptr + rn64[:, None] * stride_wn + col[None, :], mask=mask, other=0)
+    s = w  # unused placeholders when PER_CHANNEL / no offsets
+    o = w
+    if not PER_CHANNEL:
+        at = rn64[:, None] * stride_sn + (col // (GROUP // PER))[None, :]  # each word lies in one group
+        s = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_OFFSET:
+            o = tl.load(o_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    return w, s, o
+
+
+@triton.jit
 def _quant_gemv_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K // PER] int32 words
@@ -79,11 +128,14 @@ def _quant_gemv_kernel(
     BLOCK_M: tl.constexpr,  # input rows per program: each weight tile is unpacked once for all of them
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,  # words per row per K step
+    K_ORDER: tl.constexpr,  # dequantize the tile into k order (one contiguous x load) instead of code planes
 ):  # fmt: skip
     """Every tensor is 2-D or 3-D and element-wise until one reduction at the end. A [BLOCK_N, BLOCK_W]
     tile of words is taken apart code by code ("planes": code p of every word), each plane multiplied
     with the inputs it meets (x[PER * word + p], a strided load that stays in L1) and summed per word;
-    the word sums are scaled by their group's scale (and the group's offset times the inputs' sum)."""
+    the word sums are scaled by their group's scale (and the group's offset times the inputs' sum). With
+    K_ORDER the planes are dequantized and joined back into k order instead, which costs a multiply-add
+    per weight more but loads x contiguously, once per tile."""
     PER: tl.constexpr = 32 // BITS
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -92,26 +144,35 @@ def _quant_gemv_kernel(
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     cs = tl.arange(0, BLOCK_W)
     num_words = K // PER
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
-    for w0 in range(0, num_words, BLOCK_W):
-        col = w0 + cs  # [BLOCK_W] word index
-        c_ok = col < num_words
-        w = tl.load(w_ptr + rn64[:, None] * stride_wn + col[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0)
-        part = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
-        xsum = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
-        for p in tl.static_range(PER):
-            x = tl.load(x_rows + (col * PER + p)[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_W]
-            part += _codes(w, p * BITS, BITS)[None, :, :] * x[:, None, :]
-            if HAS_OFFSET:
-                xsum += x
-        if PER_CHANNEL:
-            acc += part
-        else:
-            at = rn64[:, None] * stride_sn + (col // (GROUP // PER))[None, :]  # each word lies in one group
-            sg_mask = n_ok[:, None] & c_ok[None, :]
-            acc += part * tl.load(s_ptr + at, mask=sg_mask, other=0.0).to(tl.float32)[None, :, :]
-            if HAS_OFFSET:
-                acc += xsum[:, None, :] * tl.load(o_ptr + at, mask=sg_mask, other=0.0).to(tl.float32)[None, :, :]
+    if K_ORDER:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W * PER], dtype=tl.float32)
+        ks = tl.arange(0, BLOCK_W * PER)
+        for w0 in range(0, num_words, BLOCK_W):
+            col = w0 + cs
+            c_ok = col < num_words
+            w, s, o = _load_words(w_ptr, s_ptr, o_ptr, rn64, n_ok, col, c_ok, stride_wn, stride_sn, GROUP, PER, PER_CHANNEL, HAS_OFFSET)
+            tile = _k_order(w, s, o, BITS, PER_CHANNEL, HAS_OFFSET, BLOCK_N, BLOCK_W)  # [BLOCK_N, BLOCK_W * PER]
+            x = tl.load(x_rows + (w0 * PER + ks)[None, :], mask=(w0 * PER + ks < K)[None, :], other=0.0).to(tl.float32)
+            acc += tile[None, :, :] * x[:, None, :]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+        for w0 in range(0, num_words, BLOCK_W):
+            col = w0 + cs  # [BLOCK_W] word index
+            c_ok = col < num_words
+            w, s, o = _load_words(w_ptr, s_ptr, o_ptr, rn64, n_ok, col, c_ok, stride_wn, stride_sn, GROUP, PER, PER_CHANNEL, HAS_OFFSET)
+            part = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+            xsum = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+            for p in tl.static_range(PER):
+                x = tl.load(x_rows + (col * PER + p)[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_W]
+                part += _codes(w, p * BITS, BITS)[None, :, :] * x[:, None, :]
+                if HAS_OFFSET:
+                    xsum += x
+            if PER_CHANNEL:
+                acc += part
+            else:
+                acc += part * s[None, :, :]
+                if HAS_OFFSET:
+                    acc += xsum[:, None, :] * o[None, :, :]
     out_val = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if PER_CHANNEL:
         out_val *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -126,37 +187,26 @@ def _quant_mm_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,  # BLOCK_W >= 16 words per K step
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,  # BLOCK_W * PER >= 16: the dot's depth
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Per K step, a [BLOCK_N, BLOCK_W] tile of words becomes PER planes (code p of every word), each
-    dequantized in registers (scale and offset of its word's group) and multiplied on tensor cores with the
-    inputs it meets, x[:, PER * word + p]: PER dots of depth BLOCK_W."""
+    """Per K step a [BLOCK_N, BLOCK_W] tile of words is dequantized in registers into k order and meets a
+    contiguous [BLOCK_M, BLOCK_W * PER] tile of x in one tensor-core dot."""
     PER: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_W * PER
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
     rn64 = rn.to(tl.int64)
     cs = tl.arange(0, BLOCK_W)
-    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     dot_dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for w0 in range(0, K // PER, BLOCK_W):
-        col = w0 + cs
-        w = tl.load(w_ptr + rn64[:, None] * stride_wn + col[None, :], mask=n_ok[:, None], other=0)  # [BLOCK_N, BLOCK_W]
-        if not PER_CHANNEL:
-            at = rn64[:, None] * stride_sn + (col // (GROUP // PER))[None, :]
-            s = tl.load(s_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
-            if HAS_OFFSET:
-                o = tl.load(o_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        for p in tl.static_range(PER):
-            q = _codes(w, p * BITS, BITS)
-            if not PER_CHANNEL:
-                q = q * s
-                if HAS_OFFSET:
-                    q += o
-            x = tl.load(x_rows + (col * PER + p)[None, :], mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_W]
-            acc += mma(x, tl.trans(q.to(dot_dtype)), DOT_PRECISION, DOT_UPCAST)
+        w, s, o = _load_words(w_ptr, s_ptr, o_ptr, rn64, n_ok, w0 + cs, cs < BLOCK_W, stride_wn, stride_sn, GROUP, PER, PER_CHANNEL, HAS_OFFSET)
+        tile = _k_order(w, s, o, BITS, PER_CHANNEL, HAS_OFFSET, BLOCK_N, BLOCK_W).to(dot_dtype)  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_rows + w0 * PER, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+        acc += mma(x, tl.trans(tile), DOT_PRECISION, DOT_UPCAST)
     if PER_CHANNEL:
         acc *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
@@ -173,23 +223,16 @@ def _dequantize_kernel(
 ):  # fmt: skip
     PER: tl.constexpr = 32 // BITS
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    w0 = tl.program_id(1) * BLOCK_W
+    cs = tl.arange(0, BLOCK_W)
     n_ok = rn < N
     rn64 = rn.to(tl.int64)
-    w = tl.load(w_ptr + rn64[:, None] * stride_wn + col[None, :], mask=n_ok[:, None], other=0)
+    w, s, o = _load_words(w_ptr, s_ptr, o_ptr, rn64, n_ok, w0 + cs, cs < BLOCK_W, stride_wn, stride_sn, GROUP, PER, PER_CHANNEL, HAS_OFFSET)
+    tile = _k_order(w, s, o, BITS, PER_CHANNEL, HAS_OFFSET, BLOCK_N, BLOCK_W)
     if PER_CHANNEL:
-        s = tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    else:
-        at = rn64[:, None] * stride_sn + (col // (GROUP // PER))[None, :]
-        s = tl.load(s_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        if HAS_OFFSET:
-            o = tl.load(o_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
-    dst = out_ptr + rn64[:, None] * stride_on + (col * PER)[None, :]
-    for p in tl.static_range(PER):
-        v = _codes(w, p * BITS, BITS) * s
-        if HAS_OFFSET:
-            v += o
-        tl.store(dst + p, v.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+        tile *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    k = w0 * PER + tl.arange(0, BLOCK_W * PER)
+    tl.store(out_ptr + rn64[:, None] * stride_on + k[None, :], tile.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
 # -- wrappers -----------------------------------------------------------------------------------------
@@ -249,6 +292,7 @@ def quant_gemv(
     *,
     block_n: int | None = None,
     block_w: int | None = None,  # words per row per K step
+    k_order: bool = False,
     num_warps: int | None = None,
     out: torch.Tensor | None = None,  # [M, N]
 ) -> torch.Tensor:  # [M, N]
@@ -257,8 +301,8 @@ def quant_gemv(
     words = k * bits // 32
     if block_n is None:
         block_n = 4 if interpreting() else gemv_block_n(n, num_sms(x.device))
-    if block_w is None:  # 2 KiB of weight per program per step at 4 warps: one 16-byte load per thread
-        block_w = 16 if interpreting() else max(4, 512 // block_n)
+    if block_w is None:  # 4 KiB of weight per program per step at 4 warps: two 16-byte loads per thread
+        block_w = 16 if interpreting() else max(4, 1024 // block_n)
     block_w = min(block_w, next_pow2(words))
     block_m = next_pow2(m)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
@@ -266,12 +310,13 @@ def quant_gemv(
         x, _words(qweight), scales, scales if offsets is None else offsets, out, m, n, k,
         x.stride(0), qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
         BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=num_warps or (1 if interpreting() else 4),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, K_ORDER=k_order,
+        num_warps=num_warps or (1 if interpreting() else 4),
     )  # fmt: skip
     return out
 
 
-def _block_w(words: int, choices=(64, 32, 16)) -> int:
+def _block_w(words: int, choices) -> int:
     """The largest word count per K step that divides a row (the kernels' K loops are unmasked)."""
     return next(w for w in choices if words % w == 0)
 
@@ -285,7 +330,7 @@ def quant_mm(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
-    block_w: int | None = None,  # words per row per K step, >= 16 (the depth of each plane's dot)
+    block_w: int | None = None,  # words per row per K step; BLOCK_W * PER >= 16 (the dot's depth)
     num_warps: int | None = None,
     num_stages: int | None = None,
     out: torch.Tensor | None = None,  # [M, N]
@@ -299,8 +344,8 @@ def quant_mm(
     if block_n is None:  # small M is weight-bound: narrow tiles for more programs; large M: wider for reuse
         block_n = 16 if interpreting() else (64 if block_m <= 64 else 128)
     if block_w is None:
-        block_w = 16 if interpreting() else _block_w(words, (32, 16))
-    assert block_w >= 16 and words % block_w == 0, f"K={k}: {words} words per row is not a multiple of block_w={block_w}"
+        block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(words, (16, 8, 4) if bits == 4 else (32, 16, 8))
+    assert block_w * 32 // bits >= 16 and words % block_w == 0, f"K={k}: {words} words per row, block_w={block_w}"
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _quant_mm_kernel[grid](
         x, _words(qweight), scales, scales if offsets is None else offsets, out, m, n, k,

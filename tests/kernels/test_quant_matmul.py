@@ -56,15 +56,16 @@ def test_dequantize_kernel(device, gen, fmt):
     assert torch.allclose(out, dequantize_ref(qweight, scales, offsets, bits), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("k_order", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_gemv(device, gen, fmt, m, dtype):
+def test_quant_gemv(device, gen, fmt, m, dtype, k_order):
     n, k = 72, 256  # N not a multiple of the block: masked rows
     qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
     x = torch.randn(m, k, generator=gen, device=device).to(dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    quant_gemv(x, qweight, scales, offsets, bits, out=out)
+    quant_gemv(x, qweight, scales, offsets, bits, k_order=k_order, out=out)
     assert rel_error(out, quant_matmul_ref(x, qweight, scales, offsets, bits)) < TOLERANCE[dtype]
 
 
@@ -103,5 +104,6 @@ def test_quant_kernels_full(device, gen, fmt, m, nk):
     x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
     ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
     if m <= 8:
-        assert rel_error(quant_gemv(x, qweight, scales, offsets, bits), ref) < TOLERANCE[torch.bfloat16]
+        for k_order in (False, True):
+            assert rel_error(quant_gemv(x, qweight, scales, offsets, bits, k_order=k_order), ref) < TOLERANCE[torch.bfloat16]
     assert rel_error(quant_mm(x, qweight, scales, offsets, bits), ref) < TOLERANCE[torch.bfloat16]
