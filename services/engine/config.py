@@ -148,6 +148,11 @@ class EngineConfig:
         default=0.1, metadata={"help": "assumed cost of one extra query token vs a 1-token step, until measured",
                                "min": 0.0}
     )  # fmt: skip
+    spec_min_gain: float = field(
+        default=0.1,
+        metadata={"help": "speculate only when the predicted throughput beats a plain step by this fraction: the "
+                  "margin that keeps prediction error from making speculation slower than none", "min": 0.0},
+    )
     spec_verify_graphs: bool = field(
         default=True,
         metadata={"help": "CUDA only: also capture graphs of verify steps (every batch bucket up to spec_max_batch_size "
@@ -190,5 +195,5 @@ class EngineConfig:
 
         return SpeculativeConfig(
             self.num_speculative_tokens, self.spec_adaptive, self.spec_max_batch_size, self.spec_probe_interval,
-            self.spec_prior_token_cost,
+            self.spec_prior_token_cost, self.spec_min_gain,
         )

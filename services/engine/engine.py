@@ -281,8 +281,6 @@ class LLMEngine:
         shape = _decode_shape(sched) if self.speculator is not None else None
         start = time.perf_counter()
         sampled = self.runner.execute(sched, self._layer_hook(sched))
-        if shape is not None:
-            self.speculator.observe_step(*shape, time.perf_counter() - start)
         self.counters.steps += 1
         self.counters.computed_tokens += sched.num_batched_tokens
         outputs = []
@@ -291,6 +289,8 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         self.scheduler.remove_finished()
+        if shape is not None:  # the step's whole cost, verification and bookkeeping included (not the draft call)
+            self.speculator.observe_step(*shape, time.perf_counter() - start)
         return outputs
 
     def _apply(self, request: Request, num_new: int, tokens: list[SampledToken]) -> RequestOutput | None:
