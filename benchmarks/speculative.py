@@ -38,7 +38,7 @@ from stageserve.draft.client import RemoteDraft
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.factory import create_engine
 from stageserve.engine.loader.default_model import default_model_path
-from stageserve.engine.speculative import DraftCall, expected_tokens
+from stageserve.engine.speculative import DraftCall, SpecCounters, expected_tokens
 from stageserve.sample.params import SamplingParams
 from stageserve.tokenizer.text_tokenizer import load_tokenizer
 from stageserve.v1 import draft_pb2
@@ -137,10 +137,25 @@ def spec_stats(engine) -> dict:
             "draft_ms_per_call": round(1000 * c.draft_seconds / max(c.draft_calls, 1), 3)}  # fmt: skip
 
 
+# (draft address, speculation knobs) -> the speculator a long-running decode worker would have kept: its
+# measured step and draft costs carry over from run to run, as they do across requests in a server.
+SPECULATORS: dict = {}
+FRESH = False  # --fresh-speculator: a new speculator (nothing measured yet) for every run
+
+
 def use_draft(engine, address, config: EngineConfig):
-    """Point the engine at a draft server with a fresh speculator (fresh statistics)."""
+    """Point the engine at a draft server; statistics (counters) start fresh for every run."""
     engine.config = engine.scheduler.config = config
-    engine.set_draft(RemoteDraft([address], timeout_s=2.0) if address else None)
+    if not address:
+        engine.set_draft(None)
+        return
+    key = (address, config.speculative_config())
+    if FRESH or key not in SPECULATORS:
+        engine.set_draft(RemoteDraft([address], timeout_s=2.0))
+        SPECULATORS[key] = engine.speculator
+    else:
+        engine.speculator = SPECULATORS[key]
+        engine.speculator.counters = SpecCounters()
 
 
 def batch1(engine, tokenizer, drafts, base: EngineConfig, args) -> list[dict]:
@@ -279,8 +294,13 @@ def main() -> None:
     ap.add_argument("--verify-graphs", default="both", choices=["on", "off", "both"],
                     help="CUDA: verify steps from captured graphs, eagerly, or both (the sweep runs each; batch1 and "
                     "cost use the first)")  # fmt: skip
+    ap.add_argument("--fresh-speculator", action="store_true",
+                    help="a new speculator for every run (costs measured from scratch each time: a cold worker); "
+                    "default: one per draft and knobs for the whole run, as a long-running decode worker keeps it")
     ap.add_argument("--out", default=None, help="directory for speculative.json")
     args = ap.parse_args()
+    global FRESH
+    FRESH = args.fresh_speculator
     gpu = args.device.startswith("cuda")
     args.max_tokens = args.max_tokens or (8 if args.smoke else 128 if gpu else 64)
     args.rounds = args.rounds or (1 if args.smoke else 3 if gpu else 2)
@@ -315,7 +335,7 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "threads": args.threads, "dtype": args.dtype, "k": args.k, "draft_layers": args.draft_layers, "max_tokens": args.max_tokens,
-            "rounds": args.rounds, "smoke": args.smoke, "verify_graph_modes": args.modes,
+            "rounds": args.rounds, "smoke": args.smoke, "verify_graph_modes": args.modes, "fresh_speculator": FRESH,
             "verify_graph_shapes": sorted(s for s in graphs.captured if s[1] > 1) if graphs is not None else [],
             "seconds": round(time.perf_counter() - started, 1),
             "command": " ".join(sys.argv)}  # fmt: skip
