@@ -148,7 +148,10 @@ def test_adaptive_k_waits_for_a_measured_plain_step_at_its_batch_size():
     spec.observe_step(1, 5, 0.0012)  # ...until verify steps are nearly as cheap (decays toward 1.2 ms)
     for _ in range(40):
         spec.observe_step(1, 5, 0.0012)
-    spec.plan([r], 1000)
+    for _ in range(Speculator.QUIET_STEPS + 1):  # a "no" stands for a few steps of an unchanged batch
+        spec.plan([r], 1000)
+        if r.spec_token_ids:
+            break
     assert r.spec_token_ids, "a cheap verify step and a draft that has never been wrong: speculate"
 
 
@@ -257,3 +260,21 @@ def test_marginal_predicted_gains_stay_off_under_the_margin(min_gain, speculates
     accepting(spec, r, 20, lambda k: k)  # always right: 2 tokens per verify step -> 2 / 1.9 = 1.05x
     spec.plan([r], 1000)
     assert bool(r.spec_token_ids) is speculates
+
+
+def test_an_unchanged_batch_keeps_a_no_for_a_few_steps_and_a_changed_one_recomputes(monkeypatch):
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, probe_interval=10**6), Recorder([1, 2, 3, 4]))
+    spec.observe_step(1, 1, 0.001)
+    spec.observe_step(1, 5, 0.008)  # never worth it
+    spec.observe_step(2, 1, 0.001)
+    decided = []
+    choose = spec._choose_ks
+    monkeypatch.setattr(spec, "_choose_ks", lambda *a: decided.append(a[2]) or choose(*a))
+    r = decoding("a")
+    for _ in range(Speculator.QUIET_STEPS + 1):
+        spec.plan([r], 1000)
+    assert decided == [1] and r.spec_token_ids == []  # decided once, kept while the batch stayed the same
+    spec.plan([r], 1000)
+    assert decided == [1, 1]  # the quiet steps ran out
+    spec.plan([r, decoding("b")], 1000)
+    assert decided == [1, 1, 2]  # a new batch: decided again at once
