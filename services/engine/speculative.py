@@ -210,7 +210,7 @@ class Speculator:
         self.seqs: dict[str, _SeqState] = {}
         self.steps_off = 0  # steps nobody speculated though a good draft could have paid
         self.quiet = 0  # steps left in which an unchanged batch keeps the last "no speculation" decision
-        self.quiet_key: tuple[int, int] | None = None  # (running, eligible) when that decision was made
+        self.quiet_key: tuple | None = None  # (running count, eligible request ids) when that decision was made
         self.probe_after = 0  # steps off before the next probe; doubles while probes find nothing worth it
         self.counters = SpecCounters()
 
@@ -221,8 +221,9 @@ class Speculator:
         eligible = [r for r in running if _is_decoding(r)]
         if not eligible or len(running) > self.config.max_batch_size:
             return
-        if self.quiet > 0 and self.quiet_key == (len(running), len(eligible)):
-            # Off, and the batch is as it was: the decision stands for a few steps (it costs tens of
+        batch_key = (len(running), tuple(r.request_id for r in eligible))
+        if self.quiet > 0 and self.quiet_key == batch_key:
+            # Off, and the same sequences as then: the decision stands for a few steps (it costs tens of
             # microseconds of Python per step at batch 16, against ~1-3 ms steps on a GPU). The steps count
             # toward the next probe as if each had been decided.
             self.quiet -= 1
@@ -235,7 +236,7 @@ class Speculator:
             for r in eligible
         ]  # fmt: skip
         ks = self._choose_ks(states, rooms, len(running))
-        self.quiet_key = (len(running), len(eligible))
+        self.quiet_key = batch_key
         calls, targets = [], []
         for r, state, k in zip(eligible, states, ks, strict=True):
             if k <= 0:

@@ -278,3 +278,5 @@ def test_an_unchanged_batch_keeps_a_no_for_a_few_steps_and_a_changed_one_recompu
     assert decided == [1, 1]  # the quiet steps ran out
     spec.plan([r, decoding("b")], 1000)
     assert decided == [1, 1, 2]  # a new batch: decided again at once
+    spec.plan([decoding("c"), decoding("d")], 1000)
+    assert decided == [1, 1, 2, 2]  # as large, but other sequences (a new request has its own prospects)
