@@ -258,7 +258,9 @@ def _check_weight(qweight, scales, offsets, bits: int, k: int, device) -> tuple[
 
 
 def _k_tile(k: int, group: int, per_channel: bool) -> int:
-    """The K step of one dot/group: the group itself, or for per-channel scales a power of two dividing K."""
+    """The GROUP the kernels take: the group size, or with per-channel scales (where the kernels never read
+    GROUP) a power of two dividing K, so that every K shares one compiled variant. Asserts the K multiple
+    of 32 that the fused kernel's K steps need."""
     if not per_channel:
         return group
     tile = next((t for t in (128, 64, 32) if k % t == 0), None)
@@ -279,7 +281,8 @@ def _prepare(x, qweight, scales, offsets, bits, out):
 
 
 def _words(qweight: torch.Tensor) -> torch.Tensor:
-    """The codes as int32 words (8 nibbles or 4 bytes each): the kernels' loads are then 4-16 bytes wide."""
+    """The codes as int32 words (8 nibbles or 4 bytes each): the kernels' loads are then 4-16 bytes wide.
+    Its stride(0) is the row stride in words the kernels take."""
     return qweight.view(torch.int32)
 
 
@@ -298,17 +301,18 @@ def quant_gemv(
 ) -> torch.Tensor:  # [M, N]
     m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
     assert 1 <= m <= GEMV_MAX_M, f"quant_gemv takes 1..{GEMV_MAX_M} rows, got {m}; use quant_mm"
-    words = k * bits // 32
+    num_words = k * bits // 32
     if block_n is None:
         block_n = 4 if interpreting() else gemv_block_n(n, num_sms(x.device))
     if block_w is None:  # 4 KiB of weight per program per step at 4 warps: two 16-byte loads per thread
         block_w = 16 if interpreting() else max(4, 1024 // block_n)
-    block_w = min(block_w, next_pow2(words))
+    block_w = min(block_w, next_pow2(num_words))
     block_m = next_pow2(m)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    words = _words(qweight)
     _quant_gemv_kernel[grid](
-        x, _words(qweight), scales, scales if offsets is None else offsets, out, m, n, k,
-        x.stride(0), qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
+        x, words, scales, scales if offsets is None else offsets, out, m, n, k,
+        x.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, K_ORDER=k_order,
         num_warps=num_warps or (1 if interpreting() else 4),
@@ -316,9 +320,9 @@ def quant_gemv(
     return out
 
 
-def _block_w(words: int, choices) -> int:
+def _block_w(num_words: int, choices) -> int:
     """The largest word count per K step that divides a row (the kernels' K loops are unmasked)."""
-    return next(w for w in choices if words % w == 0)
+    return next(w for w in choices if num_words % w == 0)
 
 
 def quant_mm(
@@ -338,18 +342,19 @@ def quant_mm(
     m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
     if m == 0:
         return out
-    words = k * bits // 32
+    num_words = k * bits // 32
     if block_m is None:
         block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
     if block_n is None:  # small M is weight-bound: narrow tiles for more programs; large M: wider for reuse
         block_n = 16 if interpreting() else (64 if block_m <= 64 else 128)
     if block_w is None:
-        block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(words, (16, 8, 4) if bits == 4 else (32, 16, 8))
-    assert block_w * 32 // bits >= 16 and words % block_w == 0, f"K={k}: {words} words per row, block_w={block_w}"
+        block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(num_words, (16, 8, 4) if bits == 4 else (32, 16, 8))
+    assert block_w * 32 // bits >= 16 and num_words % block_w == 0, f"K={k}: {num_words} words per row, block_w={block_w}"
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    words = _words(qweight)
     _quant_mm_kernel[grid](
-        x, _words(qweight), scales, scales if offsets is None else offsets, out, m, n, k,
-        x.stride(0), qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
+        x, words, scales, scales if offsets is None else offsets, out, m, n, k,
+        x.stride(0), words.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, **dot_flags(x.dtype),
         num_warps=num_warps or (1 if interpreting() else (8 if block_m >= 64 else 4)),
@@ -371,11 +376,12 @@ def dequantize(
         out = torch.empty(n, k, dtype=dtype, device=qweight.device)
     check_tensor(out, "out", shape=(n, k), dtypes=(dtype,), device=qweight.device)
     assert dtype in FLOAT_DTYPES
-    words = k * bits // 32
-    block_n, block_w = (16, 4) if interpreting() else (32, _block_w(words, (32, 16, 8, 4)))
-    _dequantize_kernel[(triton.cdiv(n, block_n), words // block_w)](
-        _words(qweight), scales, scales if offsets is None else offsets, out, n, k,
-        qweight.stride(0) * qweight.element_size() // 4, scales.stride(0), out.stride(0),
+    words = _words(qweight)
+    num_words = words.shape[1]
+    block_n, block_w = (16, 4) if interpreting() else (32, _block_w(num_words, (32, 16, 8, 4)))
+    _dequantize_kernel[(triton.cdiv(n, block_n), num_words // block_w)](
+        words, scales, scales if offsets is None else offsets, out, n, k,
+        words.stride(0), scales.stride(0), out.stride(0),
         BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
         BLOCK_N=block_n, BLOCK_W=block_w,
     )  # fmt: skip

@@ -259,16 +259,11 @@ def _choose(spec: QuantSpec, key: tuple, fixed: str, candidates, x: torch.Tensor
     if spec.dispatch != "tune" or torch.cuda.is_current_stream_capturing():
         return spec.choices.get(key, fixed)
     if key not in spec.choices:
+        from stageserve.kernels._common import cuda_graph_time  # timed in a graph: no launch costs, as in decode
+
         kernels = candidates()
-        spec.choices[key] = min(kernels, key=lambda k: _time_cuda(kernels[k], x))
+        spec.choices[key] = min(kernels, key=lambda k: cuda_graph_time(lambda: kernels[k](x)))
     return spec.choices[key]
-
-
-def _time_cuda(fn, x: torch.Tensor) -> float:
-    """GPU seconds of fn(x), from calls replayed in a CUDA graph (launch costs excluded, as in decode)."""
-    from stageserve.kernels._common import cuda_graph_time
-
-    return cuda_graph_time(lambda: fn(x))
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, spec: QuantSpec | None) -> nn.Module:
