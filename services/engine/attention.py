@@ -45,6 +45,11 @@ class AttentionMetadata:
         return self.query_start_loc[-1] == self.num_seqs
 
 
+def max_query_len(query_start_loc: list[int]) -> int:
+    """The most new tokens any one sequence brings this step (1 for pure decode)."""
+    return max(b - a for a, b in zip(query_start_loc, query_start_loc[1:]))
+
+
 class AttentionBackend(abc.ABC):
     """Writes a step's new keys/values into the paged cache and attends over each sequence's context.
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stageserve.engine.attention import AttentionMetadata
+from stageserve.engine.attention import AttentionMetadata, max_query_len
 
 if TYPE_CHECKING:
     from stageserve.engine.runner import HostBatch
@@ -37,10 +37,6 @@ logger = logging.getLogger(__name__)
 def graph_buckets(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 256 + 1, 16)) + list(range(256 + 64, 4096 + 1, 64))
     return [b for b in sizes if b < max_batch] + [max_batch]
-
-
-def max_query_len(query_start_loc: list[int]) -> int:
-    return max(b - a for a, b in zip(query_start_loc, query_start_loc[1:]))
 
 
 @dataclass

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from stageserve.engine.attention import FP8_KV_DTYPE, AttentionBackend, AttentionMetadata, TorchAttention
+from stageserve.engine.attention import FP8_KV_DTYPE, AttentionBackend, AttentionMetadata, TorchAttention, max_query_len
 from stageserve.engine.config import EngineConfig, ModelConfig
-from stageserve.engine.cuda_graphs import CudaGraphRunner, max_query_len, pad_to_uniform_query
+from stageserve.engine.cuda_graphs import CudaGraphRunner, pad_to_uniform_query
 from stageserve.engine.model import LlamaModel
 from stageserve.engine.ops import TorchOps, TritonOps
 from stageserve.engine.quant.linear import QuantSpec

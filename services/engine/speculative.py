@@ -75,9 +75,9 @@ class StepCostModel:
 
     A decayed mean per measured shape, in which the second sample replaces the first: the first run of a
     shape pays one-time costs (allocator growth, cold caches, lazy initialisation) that make it look slower
-    than it is, and a verify shape that looks slow would not be tried again for a long time. An unmeasured verify shape (Q > 1) is estimated only once the plain
-    step of its batch size is measured, by the largest of three lower bounds, so that it is never thought
-    cheaper than what was measured:
+    than it is, and a verify shape that looks slow would not be tried again for a long time. An unmeasured
+    verify shape (Q > 1) is estimated only once the plain step of its batch size is measured, by the largest
+    of three lower bounds, so that it is never thought cheaper than what was measured:
 
         the prior: T(B, 1) * f(Q), f(Q) = 1 + prior_token_cost * (Q - 1)
         any measured verify step it dominates: T(b, q) for b <= B, q <= Q (a larger step is no faster)
@@ -279,7 +279,8 @@ class Speculator:
         useful = [s.useful_drafts(max_k) for s in states]
         # Tokens per second of a plain step, raised by the margin: predictions run ~10-20% optimistic
         # (BENCHMARKS.md, cost model), and a marginal win predicted is a loss measured.
-        best_ks, best = None, batch / times[0] * (1 + self.config.min_gain)
+        bar = batch / times[0] * (1 + self.config.min_gain)
+        best_ks, best = None, bar
         for k in range(1, max_k + 1):
             ks = [min(k, room, u) for room, u in zip(rooms, useful)]
             longest = max(ks)
@@ -292,7 +293,7 @@ class Speculator:
         if best_ks is not None:
             self.steps_off, self.probe_after = 0, 0
             return best_ks
-        if not self._could_pay(batch, sum(1 for room in rooms if room > 0), times, draft):
+        if not self._could_pay(batch, sum(1 for room in rooms if room > 0), times, draft, bar):
             self.quiet = self.QUIET_STEPS
             return none  # not even a draft that is always right would pay here: no probes either
         self.steps_off += 1
@@ -304,11 +305,11 @@ class Speculator:
         self.probe_after = min(2 * self.probe_after, 16 * self.config.probe_interval)
         return [min(1, room) for room in rooms]
 
-    def _could_pay(self, batch: int, num_drafting: int, times: list[float], draft: float) -> bool:
-        """Whether some k would beat a plain step if every draft of `num_drafting` sequences were accepted."""
+    def _could_pay(self, batch: int, num_drafting: int, times: list[float], draft: float, bar: float) -> bool:
+        """Whether some k would clear `bar` (a plain step's throughput with the margin) if every draft of
+        `num_drafting` sequences were accepted."""
         return any(
-            (batch + num_drafting * k) / (times[k] + draft) > batch / times[0] * (1 + self.config.min_gain)
-            for k in range(1, self.config.num_speculative_tokens + 1)
+            (batch + num_drafting * k) / (times[k] + draft) > bar for k in range(1, self.config.num_speculative_tokens + 1)
         )
 
     def observe_step(self, num_seqs: int, query_len: int, seconds: float) -> None:

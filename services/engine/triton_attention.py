@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from stageserve.engine.attention import AttentionBackend, AttentionMetadata
+from stageserve.engine.attention import AttentionBackend, AttentionMetadata, max_query_len
 from stageserve.kernels.paged_decode_attention import MAX_ROWS, paged_decode_attention
 from stageserve.kernels.prefill_attention import prefill_attention
 from stageserve.kernels.rope_cache import rope_and_cache, write_kv_cache
@@ -56,25 +56,22 @@ class TritonAttention(AttentionBackend):
     def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if meta.is_decode_only:
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len)
-        query_start_loc, max_query_len = self._step_tensors(meta, q.device)
+        query_start_loc, longest = self._step_tensors(meta, q.device)
         group = q.shape[1] // kv_cache.shape[3]
-        if max_query_len <= self.max_uniform_query_len(group):
+        if longest <= self.max_uniform_query_len(group):
             return paged_decode_attention(
                 q, kv_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len,
-                query_start_loc=query_start_loc, max_query_len=max_query_len,
+                query_start_loc=query_start_loc, max_query_len=longest,
             )  # fmt: skip
-        return prefill_attention(
-            q, kv_cache, meta.block_tables, meta.seq_lens, query_start_loc, scale, max_query_len
-        )
+        return prefill_attention(q, kv_cache, meta.block_tables, meta.seq_lens, query_start_loc, scale, longest)
 
     def _step_tensors(self, meta: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, int]:
         """query_start_loc on the device and the longest query run, made on the step's first layer."""
         state = meta.backend_state.get("triton_query_start_loc")
         if state is None:
-            starts = meta.query_start_loc
-            max_query_len = max(b - a for a, b in zip(starts, starts[1:]))
-            host = torch.tensor(starts, dtype=torch.int32)
+            host = torch.tensor(meta.query_start_loc, dtype=torch.int32)
             if device.type == "cuda":
                 host = host.pin_memory()  # a pageable copy would make the host wait for queued kernels
-            state = meta.backend_state["triton_query_start_loc"] = (host.to(device, non_blocking=True), max_query_len)
+            state = (host.to(device, non_blocking=True), max_query_len(meta.query_start_loc))
+            meta.backend_state["triton_query_start_loc"] = state
         return state
