@@ -31,9 +31,9 @@ SIGNATURE = {
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def compile_gemv(bits: int, block_n: int, block_w: int, k_order: bool, num_warps: int):
+def compile_gemv(bits: int, block_n: int, block_w: int, form: str, num_warps: int):
     constexprs = {"BITS": bits, "GROUP": 128, "PER_CHANNEL": bits == 8, "HAS_OFFSET": bits == 4, "BLOCK_M": 1,
-                  "BLOCK_N": block_n, "BLOCK_W": block_w, "K_ORDER": k_order}  # fmt: skip
+                  "BLOCK_N": block_n, "BLOCK_W": block_w, "K_ORDER": form == "korder"}  # fmt: skip
     signature = SIGNATURE | {name: "constexpr" for name in constexprs}
     src = ASTSource(fn=qm._quant_gemv_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -97,10 +97,10 @@ def main() -> None:
     ap.add_argument("--dump", type=Path, default=None, help="also write each variant's SASS and TTGIR here")
     args = ap.parse_args()
     for bits in args.bits:
-        for k_order in (False, True):
-            kernel = compile_gemv(bits, args.block_n, args.block_w, k_order, args.num_warps)
+        for form in ("planes", "korder"):
+            kernel = compile_gemv(bits, args.block_n, args.block_w, form, args.num_warps)
             codes = args.block_n * args.block_w * (32 // bits) // (32 * args.num_warps)  # per thread per iteration
-            name = f"int{bits}_{'korder' if k_order else 'planes'}_n{args.block_n}_w{args.block_w}"
+            name = f"int{bits}_{form}_n{args.block_n}_w{args.block_w}"
             print(report(name, kernel, codes, args.dump), flush=True)
 
 

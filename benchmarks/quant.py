@@ -189,14 +189,14 @@ def _mm(x, args, c):
                        num_warps=c["num_warps"], num_stages=c["num_stages"])  # fmt: skip
 
 
-def sweep_phase(shapes, batches, iters: int) -> None:
+def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8")) -> None:
     """Every launch configuration per shape, format and batch; one row per (shape, fmt, batch) with the best."""
     from stageserve.kernels import fp8 as fp8k
 
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     for name, (n, k) in shapes.items():
         w = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.02).to(DTYPE)
-        for fmt in ("int4", "int8", "fp8"):
+        for fmt in formats:
             layer = layer_for(fmt, w)
             for m in batches:
                 x = torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE)
@@ -338,6 +338,8 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="default: dummy:llama-3-8b (dummy:tiny with --smoke)")
     parser.add_argument("--ctx", type=int, default=128, help="cached tokens per sequence in the decode phase")
     parser.add_argument("--formats", default=",".join(FORMATS), help="decode-phase formats (bf16 first: the baseline)")
+    parser.add_argument("--sweep-batches", default=None, help="sweep phase: batch sizes (default 1,4,16,64,256 on a GPU)")
+    parser.add_argument("--sweep-formats", default="int4,int8,fp8", help="sweep phase: formats")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     for name in [f for f in FORMATS if f not in args.formats.split(",")]:
@@ -367,7 +369,8 @@ def main() -> int:
             RESULTS["parity_ok"] = ok
             save()
         if "sweep" in phases:
-            sweep_phase({k: v for k, v in shapes.items() if k not in ("tiny", "o")} or shapes, [1, 4, 16, 64, 256] if ON_GPU else [1, 8], iters)
+            batches = [int(b) for b in args.sweep_batches.split(",")] if args.sweep_batches else ([1, 4, 16, 64, 256] if ON_GPU else [1, 8])
+            sweep_phase({k: v for k, v in shapes.items() if k not in ("tiny", "o")} or shapes, batches, iters, args.sweep_formats.split(","))
             save()
         if "kernels" in phases:
             kernel_phases({k: v for k, v in shapes.items() if k in ("tiny", "qkv", "down")}, kernel_batches, iters, float("inf"))
