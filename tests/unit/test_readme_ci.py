@@ -33,7 +33,7 @@ def ci_commands() -> list[str]:
 def test_ci_runs_exactly_the_readme_test_steps_in_order():
     steps = readme_test_command().split(" && ")
     assert steps[0] == "python3 -m venv .venv"
-    assert steps[-1].endswith("-m pytest")
+    assert steps[-1].endswith("-P -m pytest")  # -P: the repo's kernels/ must not shadow HF's `kernels` package
     commands = ci_commands()
     positions = []
     for step in steps:
@@ -56,6 +56,6 @@ def test_ci_script_is_strict_fresh_and_checks_the_protos():
     assert "set -euo pipefail" in commands
     assert "rm -rf .venv" in commands and commands.index("rm -rf .venv") < commands.index("python3 -m venv .venv")
     assert ".venv/bin/python protos/generate.py --check" in commands
-    assert commands.index(".venv/bin/python protos/generate.py --check") < commands.index(".venv/bin/python -m pytest")
+    assert commands.index(".venv/bin/python protos/generate.py --check") < commands.index(".venv/bin/python -P -m pytest")
     # pytest's status is the script's status, so "no tests collected" (5) fails CI like a failed test.
-    assert '.venv/bin/python -m pytest || status=$?' in text and commands[-1] == 'exit "$status"'
+    assert '.venv/bin/python -P -m pytest || status=$?' in text and commands[-1] == 'exit "$status"'
