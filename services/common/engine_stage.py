@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -66,8 +68,17 @@ async def keep_ready(handle: ServerHandle, worker: EngineWorker, config: WorkerC
     await handle.keep_ready(lambda: worker.healthy, config.watchdog_interval_s)
 
 
+def freeze_heap() -> None:
+    """Collect, then move every object still alive out of the garbage collector's reach (`gc.freeze`)."""
+    gc.collect()
+    gc.freeze()
+    # Thawed at exit, so that the final collection frees it: else nanobind (triton's bindings) reports
+    # every object it could not free, at length, on stderr.
+    atexit.register(gc.unfreeze)
+
+
 async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None, local_draft: bool = True) -> EngineWorker:
-    """Load the model (off the event loop), warm it up, and start its engine thread.
+    """Load the model (off the event loop), warm it up, freeze the start-up heap, and start the engine thread.
 
     `local_draft`: build the in-process draft that the engine's `speculative` knob asks for (a stage
     that talks to the Draft service says no, and sets its own).
@@ -75,6 +86,11 @@ async def start_worker(config: WorkerConfig, engine: LLMEngine | None = None, lo
     if engine is None:
         engine = await asyncio.to_thread(create_engine, config.model, config.engine, local_draft)
     await asyncio.to_thread(engine.warmup)
+    # The heap so far (weights, modules, captured graphs) lives as long as the process: freeze it, as vLLM
+    # does after start-up, so that gen-2 collections skip it and their pauses stay out of inter-token
+    # latency. Done here, in the stage's start-up, not in LLMEngine.warmup: freezing is process-wide, the
+    # choice of whoever owns the process, not of a library that embeds the engine.
+    freeze_heap()
     worker = EngineWorker(engine, step_timeout_s=config.step_timeout_s, trace_steps=config.trace_steps)
     worker.start()
     logger.info("engine ready: %s on %s/%s, %d KV blocks", engine.model_config.name, engine.device, engine.dtype, engine.config.num_blocks)

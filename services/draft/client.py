@@ -1,13 +1,17 @@
 """The decode side of the Draft service: a DraftClient over gRPC, with sticky replicas and failure isolation.
 
-It runs on the decode engine's thread, between steps, so it uses synchronous channels; the calls of
-one round go out concurrently (futures) and share one deadline.
+It runs on the decode engine's thread, between steps, so it uses synchronous channels. A round (one
+decode step) is one ProposeBatch per replica, carrying every sequence pinned to it; the replicas' calls
+go out concurrently (futures) and share one deadline. A sequence that its replica answers with a
+per-item failure (e.g. NOT_FOUND: evicted there) gets no proposal this step, and the speculator resends
+its whole history next step; the other sequences of the batch are unaffected.
 
 Life of a replica:
 
     UP      calls go to it; each sequence is pinned to one replica (its state lives there)
-    a call times out or finds it unavailable -> DOWN for `backoff` seconds (doubling, capped): its
-            sequences decode without speculation, and no step waits on it again
+    a call times out, finds it unavailable, or finds it too old to serve ProposeBatch (UNIMPLEMENTED:
+            upgrade draft replicas before decode workers) -> DOWN for `backoff` seconds (doubling,
+            capped): its sequences decode without speculation, and no step waits on it again
     backoff over -> one probe proposal is sent without waiting for it; steps keep going
     the probe is answered in time -> UP (the backoff resets once a real proposal succeeds); else DOWN
             again, longer. (A probe proposal, not a health check: a draft whose server answers health
@@ -29,16 +33,20 @@ from dataclasses import dataclass, field
 import grpc
 
 from stageserve.common import tracing
+from stageserve.draft.messages import MAX_BATCH_ITEMS, ProposeResult, batch_to_pb
 from stageserve.engine.speculative import DraftCall
 from stageserve.v1 import draft_pb2, draft_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 _PROBE_SEQ = "__stageserve_probe__"
-_REPLICA_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+_PROBE = DraftCall(_PROBE_SEQ, [0, 0], 1, reset=True, num_accepted=None)
+_REPLICA_DOWN = (
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED,
+)  # fmt: skip
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a round groups its calls by replica
 class _Replica:
     address: str
     channel: grpc.Channel
@@ -55,10 +63,11 @@ class _Replica:
 
 @dataclass
 class RemoteDraftStats:
-    calls: int = 0
-    failures: int = 0
+    calls: int = 0  # ProposeBatch round trips sent
+    failures: int = 0  # round trips that failed as a whole (timed out, unavailable, refused)
+    item_failures: int = 0  # sequences a replica answered with a per-item failure
     replicas_marked_down: int = 0
-    by_replica: dict[str, int] = field(default_factory=dict)
+    by_replica: dict[str, int] = field(default_factory=dict)  # address -> proposals it answered
 
 
 class RemoteDraft:
@@ -90,30 +99,58 @@ class RemoteDraft:
     def _propose(self, calls: list[DraftCall]) -> list[list[int] | None]:
         self._refresh()
         results: list[list[int] | None] = [None] * len(calls)
-        pending = []
-        for i, call in enumerate(calls):
-            replica = self._replica_for(call)
-            if replica is None:
-                continue
-            request = draft_pb2.ProposeRequest(
-                seq_id=call.seq_id, new_token_ids=call.new_token_ids, k=call.k, reset=call.reset,
-                num_accepted=call.num_accepted,
-            )
-            future = replica.stub.Propose.future(request, timeout=self.timeout_s, metadata=tracing.outgoing_metadata())
-            pending.append((i, replica, future))
+        pending = self._send(calls)
         self.stats.calls += len(pending)
-        for i, replica, future in pending:
+        for replica, batch, future in pending:
             try:
-                results[i] = list(future.result().token_ids)  # each future carries the same deadline
-                replica.backoff_s = 0.0  # it answers proposals again: a later failure starts the backoff afresh
-                self.stats.by_replica[replica.address] = self.stats.by_replica.get(replica.address, 0) + 1
+                reply = future.result()
             except grpc.RpcError as exc:
                 self.stats.failures += 1
                 if exc.code() in _REPLICA_DOWN:
                     self._mark_down(replica, exc)
                 else:
-                    logger.warning("draft %s refused %s: %s", replica.address, calls[i].seq_id, exc.details())
+                    logger.warning("draft %s refused a batch of %d: %s", replica.address, len(batch), exc.details())
+                continue
+            for i, proposal in zip(batch, self._read(replica, [calls[i] for i in batch], reply)):
+                results[i] = proposal
         return results
+
+    def _send(self, calls: list[DraftCall]) -> list[tuple[_Replica, list[int], grpc.Future]]:
+        """One ProposeBatch per replica (more past MAX_BATCH_ITEMS), all sent before any is waited on, so
+        they share one deadline: (replica, indices of its calls, the call in flight)."""
+        by_replica: dict[_Replica, list[int]] = {}
+        for i, call in enumerate(calls):
+            replica = self._replica_for(call)
+            if replica is not None:
+                by_replica.setdefault(replica, []).append(i)
+        metadata = tracing.outgoing_metadata()
+        pending = []
+        for replica, indices in by_replica.items():
+            for at in range(0, len(indices), MAX_BATCH_ITEMS):
+                batch = indices[at : at + MAX_BATCH_ITEMS]
+                request = batch_to_pb([calls[i] for i in batch])
+                pending.append((replica, batch, replica.stub.ProposeBatch.future(request, timeout=self.timeout_s, metadata=metadata)))
+        return pending
+
+    def _read(self, replica: _Replica, calls: list[DraftCall], reply: draft_pb2.ProposeBatchResponse) -> list[list[int] | None]:
+        """A replica's answer to its batch: each call's proposal, None where its item failed."""
+        if len(reply.results) != len(calls):
+            self.stats.failures += 1
+            logger.warning("draft %s answered %d results for %d items", replica.address, len(reply.results), len(calls))
+            return [None] * len(calls)
+        replica.backoff_s = 0.0  # it answers proposals again: a later failure starts the backoff afresh
+        proposals: list[list[int] | None] = []
+        for call, pb in zip(calls, reply.results):
+            result = ProposeResult.from_pb(pb)
+            proposals.append(list(result.token_ids) if result.ok else None)
+            if result.ok:
+                self.stats.by_replica[replica.address] = self.stats.by_replica.get(replica.address, 0) + 1
+                continue
+            self.stats.item_failures += 1
+            # NOT_FOUND is routine (the replica evicted the sequence); anything else is a bug somewhere.
+            log = logger.debug if result.status == draft_pb2.PROPOSE_STATUS_NOT_FOUND else logger.warning
+            log("draft %s refused %s: %s %s", replica.address, call.seq_id, result.status_name, result.message)
+        return proposals
 
     def release(self, seq_id: str) -> None:
         replica = self.pins.pop(seq_id, None)
@@ -162,8 +199,7 @@ class RemoteDraft:
                 continue
             if replica.probe is None:
                 if now >= replica.down_until:
-                    probe = draft_pb2.ProposeRequest(seq_id=_PROBE_SEQ, new_token_ids=[0, 0], k=1, reset=True)
-                    replica.probe = replica.stub.Propose.future(probe, timeout=self.timeout_s)
+                    replica.probe = replica.stub.ProposeBatch.future(batch_to_pb([_PROBE]), timeout=self.timeout_s)
                 continue
             if not replica.probe.done():
                 continue

@@ -16,6 +16,9 @@ Life of a sequence here (each one is an engine `Request` driven by the engine's 
                                   it are freed. Rollback needs no Accept call, so a lost Accept is harmless.
     release(seq)                  blocks freed
 
+`propose_batch` does the same for several sequences in one call (the Draft service's ProposeBatch): their
+steps run together, so a round of B sequences costs about k forward passes, not B * k.
+
 When the KV pool is full, the least recently used sequences are dropped (they restart from whatever
 their next call sends, which after a reset is the whole history).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -74,8 +78,58 @@ class ModelProposer:
     def __contains__(self, seq_id: str) -> bool:
         return seq_id in self._seqs
 
-    @torch.inference_mode()
     def propose(self, seq_id: str, new_tokens: list[int], k: int) -> list[int]:
+        (outcome,) = self.propose_batch([(seq_id, new_tokens, k)])
+        if isinstance(outcome, InvalidArgumentError):
+            raise outcome
+        return outcome
+
+    @torch.inference_mode()
+    def propose_batch(self, items: Sequence[tuple[str, Sequence[int], int]]) -> list[list[int] | InvalidArgumentError]:
+        """Propose for several sequences (distinct seq_ids) at once: a step runs the uncomputed tails (as
+        many as fit the token budget; a tail longer than it runs alone), and each further draft position
+        is one step over the sequences still drafting. An item with a bad field gets its
+        InvalidArgumentError and leaves the others alone."""
+        outcomes: list[list[int] | InvalidArgumentError] = []
+        drafting: list[tuple[Request, int]] = []  # (sequence, k), in item order
+        for seq_id, new_tokens, k in items:
+            try:
+                self._check(seq_id, new_tokens, k)
+            except InvalidArgumentError as exc:
+                outcomes.append(exc)
+                continue
+            request = self._touch(seq_id)
+            self._extend(request, list(new_tokens))
+            outcomes.append(request.output_token_ids)  # the proposal grows in place below
+            drafting.append((request, k))
+        batch = {request.request_id for request, _ in drafting}  # none of them may be evicted for another
+        while drafting:
+            scheduled, still, num_tokens = [], [], 0
+            for request, k in drafting:
+                if len(request.output_token_ids) >= k or request.num_tokens >= self.max_len or not request.prompt_token_ids:
+                    continue
+                num_new = request.num_tokens - request.num_computed_tokens
+                if scheduled and num_tokens + num_new > self.config.max_num_batched_tokens:
+                    still.append((request, k))  # its turn comes in a later step
+                    continue
+                block_ids = self._allocate(request, num_new, batch)
+                if block_ids is None:
+                    continue
+                scheduled.append(ScheduledRequest(request, num_new, block_ids))
+                still.append((request, k))
+                num_tokens += num_new
+            if not scheduled:
+                break
+            for s, (token,) in zip(scheduled, self.runner.execute(SchedulerOutput(scheduled)), strict=True):
+                s.request.num_computed_tokens += s.num_new_tokens
+                s.request.output_token_ids.append(token.token_id)
+            drafting = still
+        proposals = [outcome for outcome in outcomes if isinstance(outcome, list)]
+        self.stats.num_proposals += len(proposals)
+        self.stats.num_proposed_tokens += sum(len(p) for p in proposals)
+        return [list(outcome) if isinstance(outcome, list) else outcome for outcome in outcomes]
+
+    def _check(self, seq_id: str, new_tokens: Sequence[int], k: int) -> None:
         if not seq_id:
             raise InvalidArgumentError("seq_id", "must be non-empty")
         if not 1 <= k <= MAX_K:
@@ -83,22 +137,6 @@ class ModelProposer:
         for i, token in enumerate(new_tokens):
             if not 0 <= token < self.vocab_size:
                 raise InvalidArgumentError(f"new_token_ids[{i}]", f"must be in [0, {self.vocab_size}), got {token}")
-        request = self._touch(seq_id)
-        self._extend(request, list(new_tokens))
-        proposal = request.output_token_ids
-        for _ in range(k):
-            if request.num_tokens >= self.max_len or not request.prompt_token_ids:
-                break
-            num_new = request.num_tokens - request.num_computed_tokens
-            block_ids = self._allocate(request, num_new)
-            if block_ids is None:
-                break
-            (token,) = self.runner.execute(SchedulerOutput([ScheduledRequest(request, num_new, block_ids)]))[0]
-            request.num_computed_tokens += num_new
-            proposal.append(token.token_id)
-        self.stats.num_proposals += 1
-        self.stats.num_proposed_tokens += len(proposal)
-        return list(proposal)
 
     def _extend(self, request: Request, new_tokens: list[int]) -> None:
         """Append confirmed tokens; keep the KV of the proposal's prefix they confirm, roll back the rest."""
@@ -112,10 +150,12 @@ class ModelProposer:
         request.num_computed_tokens = min(valid, request.num_tokens - 1)
         self.kv.trim(request, request.num_computed_tokens)
 
-    def _allocate(self, request: Request, num_new: int) -> list[int] | None:
+    def _allocate(self, request: Request, num_new: int, keep: set[str]) -> list[int] | None:
+        """Blocks for `num_new` more tokens, evicting least recently used sequences not in `keep`; None if
+        only those are left to evict."""
         while (block_ids := self.kv.allocate_slots(request, num_new)) is None:
             victim = next(iter(self._seqs))
-            if victim == request.request_id:
+            if victim in keep:
                 return None
             self.release(victim)
             self.stats.num_evicted += 1

@@ -3,7 +3,10 @@
 It keeps per-sequence state, so a decode worker must send every call of one sequence to the same
 replica (route by sequence id). Callers send only the tokens appended since their last call; a replica
 that evicted or never saw a sequence answers Accept with NOT_FOUND, and its next Propose starts the
-sequence afresh from whatever tokens that call carries.
+sequence afresh from whatever tokens that call carries. Decode workers send ProposeBatch instead (one
+call per replica per step), in which such an item fails on its own with PROPOSE_STATUS_NOT_FOUND so that
+the worker resends its whole history; a malformed batch (too many items, an empty or repeated seq_id)
+fails as a whole with INVALID_ARGUMENT.
 
 Run one with `stageserve serve draft --server-port 50053`.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,10 +23,10 @@ import grpc.aio
 
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.common.server import ServerConfig, ServerHandle, create_server, serve_until_stopped
-from stageserve.draft.local import Proposer, apply_call
+from stageserve.draft.local import Proposer, apply_call, apply_calls
+from stageserve.draft.messages import ProposeCall, ProposeResult, batch_from_pb
 from stageserve.draft.ngram import NgramProposer
 from stageserve.engine.config import EngineConfig
-from stageserve.engine.speculative import DraftCall
 from stageserve.v1 import draft_pb2, draft_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -71,29 +75,10 @@ class DraftServiceConfig:
         return ModelProposer(loaded, self.engine, device=device, dtype=dtype)
 
 
-@dataclass(frozen=True)
-class ProposeCall:
-    """A decoded `ProposeRequest`; the proposer validates it."""
-
-    seq_id: str
-    new_token_ids: tuple[int, ...]
-    k: int
-    reset: bool = False
-    num_accepted: int | None = None
-
-    @classmethod
-    def from_pb(cls, pb: draft_pb2.ProposeRequest) -> ProposeCall:
-        accepted = pb.num_accepted if pb.HasField("num_accepted") else None
-        return cls(pb.seq_id, tuple(pb.new_token_ids), pb.k, pb.reset, accepted)
-
-    def to_call(self) -> DraftCall:
-        return DraftCall(self.seq_id, list(self.new_token_ids), self.k, self.reset, self.num_accepted)
-
-
 class DraftServicer(draft_pb2_grpc.DraftServicer):
-    """Propose, Accept and Release over one proposer. N-gram handlers are dict work and run on the
-    event loop, which serializes them; a model proposer runs on one worker thread (a lock keeps it
-    serial) so that health checks stay responsive while it computes."""
+    """Propose, ProposeBatch, Accept and Release over one proposer. N-gram handlers are dict work and run
+    on the event loop, which serializes them; a model proposer runs on one worker thread (a lock keeps it
+    serial) so that health checks stay responsive while it computes, a whole batch in one hand-off."""
 
     def __init__(self, proposer: Proposer, offload: bool = False):
         self.proposer = proposer
@@ -103,12 +88,21 @@ class DraftServicer(draft_pb2_grpc.DraftServicer):
     async def Propose(
         self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
     ) -> draft_pb2.ProposeResponse:
-        call = ProposeCall.from_pb(request).to_call()
-        if not self.offload:
-            return draft_pb2.ProposeResponse(token_ids=apply_call(self.proposer, call))
-        async with self.lock:
-            proposal = await asyncio.to_thread(apply_call, self.proposer, call)
+        proposal = await self._run(apply_call, ProposeCall.from_pb(request).to_call())
         return draft_pb2.ProposeResponse(token_ids=proposal)
+
+    async def ProposeBatch(
+        self, request: draft_pb2.ProposeBatchRequest, context: grpc.aio.ServicerContext
+    ) -> draft_pb2.ProposeBatchResponse:
+        outcomes = await self._run(apply_calls, batch_from_pb(request))
+        return draft_pb2.ProposeBatchResponse(results=[ProposeResult.of(o).to_pb() for o in outcomes])
+
+    async def _run(self, apply: Callable, arg):
+        """`apply(proposer, arg)`: here on the event loop, or on the worker thread when offloaded."""
+        if not self.offload:
+            return apply(self.proposer, arg)
+        async with self.lock:
+            return await asyncio.to_thread(apply, self.proposer, arg)
 
     async def Accept(
         self, request: draft_pb2.AcceptRequest, context: grpc.aio.ServicerContext

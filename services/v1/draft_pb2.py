@@ -24,25 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stageserve/v1/draft.proto\x12\rstageserve.v1\"}\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x19\n\x0cnum_accepted\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_num_accepted\"$\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"5\n\rAcceptRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\"\x10\n\x0e\x41\x63\x63\x65ptResponse\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xe2\x01\n\x05\x44raft\x12H\n\x07Propose\x12\x1d.stageserve.v1.ProposeRequest\x1a\x1e.stageserve.v1.ProposeResponse\x12\x45\n\x06\x41\x63\x63\x65pt\x12\x1c.stageserve.v1.AcceptRequest\x1a\x1d.stageserve.v1.AcceptResponse\x12H\n\x07Release\x12\x1d.stageserve.v1.ReleaseRequest\x1a\x1e.stageserve.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stageserve/v1/draft.proto\x12\rstageserve.v1\"}\n\x0eProposeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x19\n\x0cnum_accepted\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_num_accepted\"$\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x13ProposeBatchRequest\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.stageserve.v1.ProposeRequest\"E\n\x14ProposeBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.stageserve.v1.ProposeResult\"a\n\rProposeResult\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.stageserve.v1.ProposeStatus\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"5\n\rAcceptRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\"\x10\n\x0e\x41\x63\x63\x65ptResponse\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x89\x01\n\rProposeStatus\x12\x1e\n\x1aPROPOSE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11PROPOSE_STATUS_OK\x10\x01\x12#\n\x1fPROPOSE_STATUS_INVALID_ARGUMENT\x10\x02\x12\x1c\n\x18PROPOSE_STATUS_NOT_FOUND\x10\x03\x32\xbb\x02\n\x05\x44raft\x12H\n\x07Propose\x12\x1d.stageserve.v1.ProposeRequest\x1a\x1e.stageserve.v1.ProposeResponse\x12W\n\x0cProposeBatch\x12\".stageserve.v1.ProposeBatchRequest\x1a#.stageserve.v1.ProposeBatchResponse\x12\x45\n\x06\x41\x63\x63\x65pt\x12\x1c.stageserve.v1.AcceptRequest\x1a\x1d.stageserve.v1.AcceptResponse\x12H\n\x07Release\x12\x1d.stageserve.v1.ReleaseRequest\x1a\x1e.stageserve.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stageserve.v1.draft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PROPOSESTATUS']._serialized_start=590
+  _globals['_PROPOSESTATUS']._serialized_end=727
   _globals['_PROPOSEREQUEST']._serialized_start=44
   _globals['_PROPOSEREQUEST']._serialized_end=169
   _globals['_PROPOSERESPONSE']._serialized_start=171
   _globals['_PROPOSERESPONSE']._serialized_end=207
-  _globals['_ACCEPTREQUEST']._serialized_start=209
-  _globals['_ACCEPTREQUEST']._serialized_end=262
-  _globals['_ACCEPTRESPONSE']._serialized_start=264
-  _globals['_ACCEPTRESPONSE']._serialized_end=280
-  _globals['_RELEASEREQUEST']._serialized_start=282
-  _globals['_RELEASEREQUEST']._serialized_end=314
-  _globals['_RELEASERESPONSE']._serialized_start=316
-  _globals['_RELEASERESPONSE']._serialized_end=348
-  _globals['_DRAFT']._serialized_start=351
-  _globals['_DRAFT']._serialized_end=577
+  _globals['_PROPOSEBATCHREQUEST']._serialized_start=209
+  _globals['_PROPOSEBATCHREQUEST']._serialized_end=276
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_start=278
+  _globals['_PROPOSEBATCHRESPONSE']._serialized_end=347
+  _globals['_PROPOSERESULT']._serialized_start=349
+  _globals['_PROPOSERESULT']._serialized_end=446
+  _globals['_ACCEPTREQUEST']._serialized_start=448
+  _globals['_ACCEPTREQUEST']._serialized_end=501
+  _globals['_ACCEPTRESPONSE']._serialized_start=503
+  _globals['_ACCEPTRESPONSE']._serialized_end=519
+  _globals['_RELEASEREQUEST']._serialized_start=521
+  _globals['_RELEASEREQUEST']._serialized_end=553
+  _globals['_RELEASERESPONSE']._serialized_start=555
+  _globals['_RELEASERESPONSE']._serialized_end=587
+  _globals['_DRAFT']._serialized_start=730
+  _globals['_DRAFT']._serialized_end=1045
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class DraftStub:
                 request_serializer=stageserve_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
                 response_deserializer=stageserve_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
                 _registered_method=True)
+        self.ProposeBatch = channel.unary_unary(
+                '/stageserve.v1.Draft/ProposeBatch',
+                request_serializer=stageserve_dot_v1_dot_draft__pb2.ProposeBatchRequest.SerializeToString,
+                response_deserializer=stageserve_dot_v1_dot_draft__pb2.ProposeBatchResponse.FromString,
+                _registered_method=True)
         self.Accept = channel.unary_unary(
                 '/stageserve.v1.Draft/Accept',
                 request_serializer=stageserve_dot_v1_dot_draft__pb2.AcceptRequest.SerializeToString,
@@ -58,6 +63,14 @@ class DraftServicer:
 
     def Propose(self, request, context):
         """Append new tokens to a sequence's history (creating it on first call) and propose up to k tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProposeBatch(self, request, context):
+        """Propose for several sequences in one round trip: what a decode worker sends each step, one call per
+        replica for all the sequences pinned to it. Each item succeeds or fails on its own (see ProposeResult).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +97,11 @@ def add_DraftServicer_to_server(servicer, server):
                     servicer.Propose,
                     request_deserializer=stageserve_dot_v1_dot_draft__pb2.ProposeRequest.FromString,
                     response_serializer=stageserve_dot_v1_dot_draft__pb2.ProposeResponse.SerializeToString,
+            ),
+            'ProposeBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeBatch,
+                    request_deserializer=stageserve_dot_v1_dot_draft__pb2.ProposeBatchRequest.FromString,
+                    response_serializer=stageserve_dot_v1_dot_draft__pb2.ProposeBatchResponse.SerializeToString,
             ),
             'Accept': grpc.unary_unary_rpc_method_handler(
                     servicer.Accept,
@@ -124,6 +142,33 @@ class Draft:
             '/stageserve.v1.Draft/Propose',
             stageserve_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
             stageserve_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stageserve.v1.Draft/ProposeBatch',
+            stageserve_dot_v1_dot_draft__pb2.ProposeBatchRequest.SerializeToString,
+            stageserve_dot_v1_dot_draft__pb2.ProposeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

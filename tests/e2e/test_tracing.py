@@ -168,11 +168,12 @@ def test_verbose_level_traces_each_decode_step_its_remote_sample_and_draft_calls
     assert len(calls) == len(steps) and len(served) == len(steps)
     assert all({a.key for a in c.attributes} >= {"stageserve.sample.rows"} for c in calls.values())
 
-    # Draft proposals hang off the steps too, with the Draft service's span under each; every step says
-    # how many draft tokens it verified and accepted.
+    # Draft proposals hang off the steps too, with the Draft service's span under each (one ProposeBatch
+    # per replica, and there is one replica); every step says how many draft tokens it verified and accepted.
     proposals = {s.span_id: s for s in spans if s.name == "draft.propose" and s.parent_span_id in step_ids}
     assert proposals, "the first decode step asks the draft for proposals"
-    assert any(s.name == "stageserve.v1.Draft/Propose" and s.parent_span_id in proposals for s in spans)
+    drafted = [s for s in spans if s.name == "stageserve.v1.Draft/ProposeBatch" and s.parent_span_id in proposals]
+    assert len(drafted) == len(proposals)
     for step in steps:
         keys = {a.key for a in step.attributes}
         assert {"stageserve.speculative.proposed_tokens", "stageserve.speculative.accepted_tokens"} <= keys

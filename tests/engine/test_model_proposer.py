@@ -53,3 +53,29 @@ def test_full_pool_evicts_the_least_recently_used_sequence(make_proposer, tokeni
     proposer.propose("a", prompt, 2)
     proposer.propose("b", prompt, 2)  # needs a's blocks
     assert "b" in proposer and "a" not in proposer and proposer.stats.num_evicted == 1
+
+
+def test_a_batch_proposes_what_each_sequence_would_alone(make_proposer, tokenizer):
+    texts = ["The quick brown fox jumps over the lazy dog. The quick brown", "1, 2, 3, 4, 5, 6,", "Paris is the capital of"]
+    histories = [tokenizer.encode(t) for t in texts]
+    batched, alone = make_proposer(num_blocks=64), make_proposer(num_blocks=64)
+    items = [("a", histories[0], 4), ("bad", [1, -1], 2), ("b", histories[1], 2), ("c", histories[2], 3), ("k0", [1], 0)]
+    got = batched.propose_batch(items)
+    assert [str(g).split(":")[0] for g in got if not isinstance(g, list)] == ["new_token_ids[1]", "k"]
+    assert [g for g in got if isinstance(g, list)] == [alone.propose(s, h, k) for s, h, k in items if s in ("a", "b", "c")]
+    assert "bad" not in batched and "k0" not in batched
+    # The next round: each sequence's first draft accepted, then a bonus token that differs from its second.
+    updates = [[p[0], (p[1] + 1) % 1000] if len(p) > 1 else [p[0], 5] for p in (got[0], got[2], got[3])]
+    again = batched.propose_batch([(s, u, 3) for s, u in zip("abc", updates)])
+    assert again == [alone.propose(s, u, 3) for s, u in zip("abc", updates)]
+    assert batched.stats.num_proposals == alone.stats.num_proposals
+
+
+def test_a_batch_never_evicts_its_own_sequences(make_proposer, tokenizer):
+    proposer = make_proposer(num_blocks=8)  # 32 tokens of KV: room for one of these sequences
+    prompt = tokenizer.encode("one two three four five six seven eight nine ten eleven twelve " * 2)
+    assert len(prompt) > 16
+    proposer.propose("old", prompt, 2)
+    first, second = proposer.propose_batch([("a", prompt, 2), ("b", prompt, 2)])
+    assert len(first) == 2 and second == [], "b found no room it could take from a, so it proposes nothing"
+    assert "old" not in proposer and "a" in proposer

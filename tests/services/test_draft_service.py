@@ -1,4 +1,5 @@
-"""The Draft service on a real grpc.aio server (port 0): Propose / Accept / Release over the n-gram proposer."""
+"""The Draft service on a real grpc.aio server (port 0): Propose / ProposeBatch / Accept / Release over the
+n-gram proposer."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stageserve.common.config import parse_config
 from stageserve.common.errors import InvalidArgumentError
 from stageserve.common.server import ServerConfig
-from stageserve.draft.ngram import NgramProposer
+from stageserve.draft.messages import MAX_BATCH_ITEMS
+from stageserve.draft.ngram import MAX_K, NgramProposer
 from stageserve.draft.service import DraftServiceConfig, serve, start
 from stageserve.v1 import draft_pb2, draft_pb2_grpc
 
@@ -81,6 +83,84 @@ def test_bad_requests_get_status_codes_and_the_server_keeps_serving(method, requ
             assert await propose(stub, "known", [2], k=2) == [1, 2]
 
     asyncio.run(body())
+
+
+OK, BAD, GONE = draft_pb2.PROPOSE_STATUS_OK, draft_pb2.PROPOSE_STATUS_INVALID_ARGUMENT, draft_pb2.PROPOSE_STATUS_NOT_FOUND
+
+
+def item(seq_id: str, new: list[int], k: int = 4, reset: bool = False, accepted: int | None = None):
+    return draft_pb2.ProposeRequest(seq_id=seq_id, new_token_ids=new, k=k, reset=reset, num_accepted=accepted)
+
+
+def test_propose_batch_answers_every_item_in_order_and_a_bad_item_fails_alone():
+    proposer = NgramProposer()
+    repeat = [10, 11, 12, 13, 14] * 3
+
+    async def body():
+        async with serving(proposer) as stub:
+            reply = await stub.ProposeBatch(draft_pb2.ProposeBatchRequest(items=[
+                item("a", repeat, reset=True),
+                item("ghost", [1, 2], accepted=0),  # never started here, and no reset: NOT_FOUND
+                item("b", [7, 8, 7], k=2, reset=True),
+                item("c", [1, 1], k=0, reset=True),  # k out of range
+                item("d", [3, -1], reset=True),  # a negative token id
+                item("e", [5, 6], k=MAX_K + 1, reset=True),
+                item("f", [4, 4, 4], k=1, reset=True),
+            ]))  # fmt: skip
+            statuses = [(r.status, list(r.token_ids)) for r in reply.results]
+            assert statuses == [(OK, [10, 11, 12, 13]), (GONE, []), (OK, [8, 7]), (BAD, []), (BAD, []), (BAD, []),
+                                (OK, [4])]  # fmt: skip
+            messages = [r.message.split(":")[0] for r in reply.results]
+            assert messages == ["", "sequence 'ghost' is not held here (evicted or released); resend it with reset",
+                                "", "k", "new_token_ids[1]", "k", ""]  # fmt: skip
+            # The next step: each sequence sends only its new tokens and how many drafts were accepted.
+            reply = await stub.ProposeBatch(draft_pb2.ProposeBatchRequest(items=[
+                item("b", [8, 7, 8], k=2, accepted=2),  # both drafts accepted, then 8 sampled
+                item("a", [10, 11, 12, 13], accepted=3),
+                item("f", [4], k=1, accepted=5),  # more accepted than were proposed
+            ]))  # fmt: skip
+            assert [(r.status, list(r.token_ids)) for r in reply.results] == [(OK, [7, 8]), (OK, [14, 10, 11, 12]), (BAD, [])]
+            assert reply.results[2].message.startswith("num_accepted:")
+
+    asyncio.run(body())
+    assert "ghost" not in proposer and proposer.history("a") == repeat + [10, 11, 12, 13]
+    assert proposer.stats.num_accepted_tokens == 5
+
+
+def test_propose_batch_matches_one_propose_per_sequence():
+    calls = [("x", [1, 2, 3, 1, 2], 3), ("y", [9, 9, 8, 9], 2), ("z", [5], 1)]
+
+    async def body():
+        async with serving() as batched, serving() as single:
+            batch = draft_pb2.ProposeBatchRequest(items=[item(s, new, k, reset=True) for s, new, k in calls])
+            got = [list(r.token_ids) for r in (await batched.ProposeBatch(batch)).results]
+            assert got == [await propose(single, s, new, k) for s, new, k in calls]
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize(
+    ("items", "details"),
+    [
+        ([item(f"s{i}", [1], reset=True) for i in range(MAX_BATCH_ITEMS + 1)], f"items: at most {MAX_BATCH_ITEMS}"),
+        ([item("s", [1], reset=True), item("t", [2], reset=True), item("s", [3], reset=True)],
+         "items[2].seq_id: repeats items[0].seq_id"),
+        ([item("s", [1], reset=True), item("", [2], reset=True)], "items[1].seq_id: must be non-empty"),
+    ],
+)
+def test_a_malformed_batch_fails_as_a_whole_and_changes_nothing(items, details):
+    proposer = NgramProposer()
+
+    async def body():
+        async with serving(proposer) as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ProposeBatch(draft_pb2.ProposeBatchRequest(items=items))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith(details), info.value.details()
+            assert len((await stub.ProposeBatch(draft_pb2.ProposeBatchRequest())).results) == 0
+
+    asyncio.run(body())
+    assert len(proposer) == 0
 
 
 def test_eviction_is_visible_as_not_found():

@@ -1,9 +1,9 @@
 """Fuzzing the request messages of every service against real in-process servers.
 
-Hypothesis draws field values, valid and invalid, for Tokenizer, Sample, Draft, Decode (Reserve,
-PushKV chunks, Attach, Cancel) and Gateway (GenerateRequest). Every call must end OK or with a typed
-status a client can act on (never INTERNAL or UNKNOWN), within its timeout, and a normal request
-must still succeed afterwards with both KV pools back to idle.
+Hypothesis draws field values, valid and invalid, for Tokenizer, Sample, Draft (Propose, ProposeBatch,
+Accept, Release), Decode (Reserve, PushKV chunks, Attach, Cancel) and Gateway (GenerateRequest). Every
+call must end OK or with a typed status a client can act on (never INTERNAL or UNKNOWN), within its
+timeout, and a normal request must still succeed afterwards with both KV pools back to idle.
 
 The servers run on an event loop in a background thread; the tests call them with blocking stubs.
 The examples are derandomized, so CI sees the same inputs on every run.
@@ -335,6 +335,39 @@ def test_draft_requests(servers, seq_id, new_ids, k, accepted):
     outcome(lambda: servers.draft.Propose(draft_pb2.ProposeRequest(seq_id=seq_id, new_token_ids=new_ids, k=k), timeout=TIMEOUT_S))
     outcome(lambda: servers.draft.Accept(draft_pb2.AcceptRequest(seq_id=seq_id, num_accepted=accepted), timeout=TIMEOUT_S))
     outcome(lambda: servers.draft.Release(draft_pb2.ReleaseRequest(seq_id=seq_id), timeout=TIMEOUT_S))
+
+
+@st.composite
+def propose_items(draw) -> list[draft_pb2.ProposeRequest]:
+    """A few items over a small set of ids (so repeats and known sequences turn up), or far too many."""
+    if draw(st.integers(0, 19)) == 0:
+        return [draft_pb2.ProposeRequest(seq_id=f"m{i}", new_token_ids=[1], k=1, reset=True) for i in range(300)]
+    items = []
+    for _ in range(draw(st.integers(0, 5))):
+        pb = draft_pb2.ProposeRequest(
+            seq_id=draw(st.one_of(st.sampled_from(["s0", "s1", "s2", "s3"]), ids)), new_token_ids=draw(token_ids),
+            k=draw(st.one_of(st.integers(0, 8), UINT32)), reset=draw(st.booleans()),
+        )  # fmt: skip
+        if draw(st.booleans()):
+            pb.num_accepted = draw(st.one_of(st.integers(0, 8), UINT32))
+        items.append(pb)
+    return items
+
+
+@FUZZ
+@given(items=propose_items())
+def test_draft_batch_requests(servers, items):
+    replies = []
+    code = outcome(lambda: replies.append(servers.draft.ProposeBatch(draft_pb2.ProposeBatchRequest(items=items), timeout=TIMEOUT_S)))
+    if code == grpc.StatusCode.OK:  # one typed result per item, in order, whatever the others held
+        (reply,) = replies
+        assert len(reply.results) == len(items)
+        for item, result in zip(items, reply.results):
+            assert result.status in (draft_pb2.PROPOSE_STATUS_OK, draft_pb2.PROPOSE_STATUS_INVALID_ARGUMENT,
+                                     draft_pb2.PROPOSE_STATUS_NOT_FOUND)  # fmt: skip
+            assert len(result.token_ids) <= (item.k if result.status == draft_pb2.PROPOSE_STATUS_OK else 0)
+    else:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 # ---- decode ---------------------------------------------------------------------------------------------

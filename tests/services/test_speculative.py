@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import threading
 
 import pytest
-from test_prefill_decode import Split  # the prefill + decode harness (tests/services is on sys.path)
+from test_draft_client import Stalling  # a draft that hangs on demand (tests/services is on sys.path)
+from test_prefill_decode import Split  # the prefill + decode harness
 
 from stageserve.common.server import ServerConfig
 from stageserve.draft.model_proposer import ModelProposer, truncate_layers
@@ -41,26 +41,6 @@ def prompts(tokenizer):
 @pytest.fixture(scope="module")
 def expected(make_engine, prompts):
     return [r.output_token_ids for r in make_engine(num_blocks=128).generate(prompts, GREEDY)]
-
-
-class Stalling:
-    """An n-gram proposer that, once armed, blocks every proposal until released (a hung draft)."""
-
-    def __init__(self):
-        self.inner = NgramProposer()
-        self.armed = threading.Event()
-        self.release_all = threading.Event()
-
-    def propose(self, seq_id, new_tokens, k):
-        if self.armed.is_set():
-            self.release_all.wait(30)
-        return self.inner.propose(seq_id, new_tokens, k)
-
-    def accept(self, seq_id, num_accepted):
-        self.inner.accept(seq_id, num_accepted)
-
-    def release(self, seq_id):
-        return self.inner.release(seq_id)
 
 
 async def generate_with_draft(make_engine, prompts, proposer, method: str, *, timeout_s: float = 5.0, on_token=None):
@@ -124,7 +104,7 @@ def test_draft_failure_changes_nothing_and_costs_one_timeout(make_engine, prompt
             generate_with_draft(make_engine, prompts, proposer, "ngram", timeout_s=timeout_s, on_token=break_draft)
         )
     finally:
-        proposer.release_all.set()
+        proposer.released.set()
     assert results == expected
     assert client.stats.replicas_marked_down == 1
     assert client.stats.failures == 1, "after one failed call no step waits on the draft again"
