@@ -16,7 +16,8 @@ must produce exactly the plain run's tokens (checked first, for every task and m
 
 Parts 1 and 3 also run "attached-off", a control: the speculator attached to a draft that never proposes,
 so it plans every step (and calls that draft) but never verifies; against "none" it is the per-step cost
-of having speculation on at all. Each variant runs in interleaved rounds after a gc.collect() (a gen-2
+of having speculation on at all. Part 1 also runs "ngram-local": the same n-gram proposer inside the engine's
+process (a decode worker started without --draft-address), which shows what the RPC costs. Each variant runs in interleaved rounds after a gc.collect() (a gen-2
 collection in a 0.2 s run is a 5-10% outlier); tables give the median with the spread (min-max) over rounds.
 
     python benchmarks/speculative.py [--device cpu|cuda] [--smoke] [--verify-graphs on|off|both] [--out DIR]
@@ -44,6 +45,8 @@ import torch
 
 from stageserve.common.engine_stage import freeze_heap
 from stageserve.draft.client import RemoteDraft
+from stageserve.draft.local import LocalDraft
+from stageserve.draft.ngram import NgramProposer
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.factory import create_engine
 from stageserve.engine.loader.default_model import default_model_path
@@ -155,6 +158,7 @@ class NeverProposes:
 
 
 ATTACHED_OFF = "attached-off"
+NGRAM_LOCAL = "ngram-local"  # the same n-gram proposer inside the decode process: no RPC (a decode worker without --draft-address)
 
 
 def verify_replays(engine) -> int:
@@ -182,7 +186,7 @@ FRESH = False  # --fresh-speculator: a new speculator (nothing measured yet) for
 
 
 def use_draft(engine, draft: str | None, config: EngineConfig):
-    """Point the engine at a draft: a Draft server's address, ATTACHED_OFF, or None (no speculator).
+    """Point the engine at a draft: a Draft server's address, ATTACHED_OFF, NGRAM_LOCAL or None (no speculator).
     Statistics (counters) start fresh for every run."""
     engine.config = engine.scheduler.config = config
     if not draft:
@@ -190,7 +194,12 @@ def use_draft(engine, draft: str | None, config: EngineConfig):
         return
     key = (draft, config.speculative_config())
     if FRESH or key not in SPECULATORS:
-        engine.set_draft(NeverProposes() if draft == ATTACHED_OFF else RemoteDraft([draft], timeout_s=2.0))
+        if draft == ATTACHED_OFF:
+            engine.set_draft(NeverProposes())
+        elif draft == NGRAM_LOCAL:
+            engine.set_draft(LocalDraft(NgramProposer()))
+        else:
+            engine.set_draft(RemoteDraft([draft], timeout_s=2.0))
         SPECULATORS[key] = engine.speculator
     else:
         engine.speculator = SPECULATORS[key]
@@ -199,7 +208,7 @@ def use_draft(engine, draft: str | None, config: EngineConfig):
 
 def batch1(engine, tokenizer, drafts, base: EngineConfig, args) -> list[dict]:
     rows = []
-    targets = {"none": None, ATTACHED_OFF: ATTACHED_OFF, **drafts}
+    targets = {"none": None, ATTACHED_OFF: ATTACHED_OFF, NGRAM_LOCAL: NGRAM_LOCAL, **drafts}
     for task, text in TASKS.items():
         prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
         use_draft(engine, None, base)
@@ -208,7 +217,7 @@ def batch1(engine, tokenizer, drafts, base: EngineConfig, args) -> list[dict]:
         stats = {}
         for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits every method alike
             for name, target in targets.items():
-                method = "ngram" if name == ATTACHED_OFF else name
+                method = "ngram" if name in (ATTACHED_OFF, NGRAM_LOCAL) else name
                 config = dataclasses.replace(base, speculative=method, num_speculative_tokens=args.k)
                 use_draft(engine, target, config)
                 before = verify_replays(engine)

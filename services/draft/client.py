@@ -70,6 +70,21 @@ class RemoteDraftStats:
     by_replica: dict[str, int] = field(default_factory=dict)  # address -> proposals it answered
 
 
+class _Answered:
+    """A blocking call's outcome, read like a future's: `result()` returns the reply or raises its error."""
+
+    def __init__(self, method, request, timeout_s: float, metadata):
+        try:
+            self._reply, self._error = method(request, timeout=timeout_s, metadata=metadata), None
+        except grpc.RpcError as exc:
+            self._reply, self._error = None, exc
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._reply
+
+
 class RemoteDraft:
     """A DraftClient that calls Draft service replicas."""
 
@@ -115,21 +130,30 @@ class RemoteDraft:
                 results[i] = proposal
         return results
 
-    def _send(self, calls: list[DraftCall]) -> list[tuple[_Replica, list[int], grpc.Future]]:
-        """One ProposeBatch per replica (more past MAX_BATCH_ITEMS), all sent before any is waited on, so
-        they share one deadline: (replica, indices of its calls, the call in flight)."""
+    def _send(self, calls: list[DraftCall]) -> list[tuple[_Replica, list[int], grpc.Future | _Answered]]:
+        """One ProposeBatch per replica (more past MAX_BATCH_ITEMS): (replica, indices of its calls, its
+        outcome). All but one go out as futures before anything is waited on, so they share one deadline;
+        the last is a blocking call on this thread, which spares a hand-off to grpc's polling thread
+        (~0.2 ms of a ~0.7 ms round trip on a 2-core CPU), and is the only call of a one-replica step."""
         by_replica: dict[_Replica, list[int]] = {}
         for i, call in enumerate(calls):
             replica = self._replica_for(call)
             if replica is not None:
                 by_replica.setdefault(replica, []).append(i)
         metadata = tracing.outgoing_metadata()
-        pending = []
-        for replica, indices in by_replica.items():
-            for at in range(0, len(indices), MAX_BATCH_ITEMS):
-                batch = indices[at : at + MAX_BATCH_ITEMS]
-                request = batch_to_pb([calls[i] for i in batch])
-                pending.append((replica, batch, replica.stub.ProposeBatch.future(request, timeout=self.timeout_s, metadata=metadata)))
+        batches = [
+            (replica, indices[at : at + MAX_BATCH_ITEMS])
+            for replica, indices in by_replica.items()
+            for at in range(0, len(indices), MAX_BATCH_ITEMS)
+        ]
+        requests = [batch_to_pb([calls[i] for i in batch]) for _, batch in batches]
+        pending = [
+            (replica, batch, replica.stub.ProposeBatch.future(request, timeout=self.timeout_s, metadata=metadata))
+            for (replica, batch), request in zip(batches[:-1], requests[:-1])
+        ]
+        if batches:
+            (replica, batch), request = batches[-1], requests[-1]
+            pending.append((replica, batch, _Answered(replica.stub.ProposeBatch, request, self.timeout_s, metadata)))
         return pending
 
     def _read(self, replica: _Replica, calls: list[DraftCall], reply: draft_pb2.ProposeBatchResponse) -> list[list[int] | None]:
