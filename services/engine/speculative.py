@@ -19,7 +19,8 @@ discounted by how often the draft proposes anything at all. A step's cost depend
 sequences, Q query tokens each: verify steps are padded to their longest run and replay a CUDA graph of
 that shape where one exists), so for each step-wide k in [1, K] the batch's expected tokens
 sum_i E_i / (T(B, k + 1) + D) are compared with a plain step's B / T(B, 1); T is measured per shape
-(`StepCostModel`) and D is the measured draft round trip. The best k wins; k = 0 means no speculation
+(`StepCostModel`) and D is the measured draft round trip of rounds that send only new tokens (a round
+that resends a whole history, as every sequence's first does, is not what a step costs). The best k wins; k = 0 means no speculation
 (no draft call at all). Each sequence brings at most the drafts its acceptance makes useful (it pads
 anyway). When nobody speculates, the batch probes with k = 1 after `probe_interval` steps so the
 estimates can recover, and waits twice as long after each probe that finds nothing (up to 16x), so a
@@ -206,7 +207,7 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, draft: DraftClient, clock: Callable[[], float] = time.monotonic):
         self.config, self.draft, self.clock = config, draft, clock
         self.costs = StepCostModel(config.prior_token_cost)
-        self.draft_time: float | None = None  # decayed mean seconds of one proposal round
+        self.draft_time: float | None = None  # decayed mean seconds of a proposal round without resets
         self.seqs: dict[str, _SeqState] = {}
         self.steps_off = 0  # steps nobody speculated though a good draft could have paid
         self.quiet = 0  # steps left in which an unchanged batch keeps the last "no speculation" decision
@@ -249,7 +250,11 @@ class Speculator:
         start = self.clock()
         proposals = self.draft.propose(calls)
         elapsed = self.clock() - start
-        self.draft_time = elapsed if self.draft_time is None else 0.8 * self.draft_time + 0.2 * elapsed
+        if not any(call.reset for call in calls):
+            # A round with a reset carries a whole history (a new sequence's prompt: ~2.5 ms against ~0.9 ms
+            # for a step's draft on an H200, 2026-12-04); timed, it made the first call of every run the
+            # last, so it does not set the draft's cost.
+            self.draft_time = elapsed if self.draft_time is None else 0.8 * self.draft_time + 0.2 * elapsed
         self.counters.draft_calls += 1
         self.counters.draft_seconds += elapsed
         for (r, state), call, proposal in zip(targets, calls, proposals, strict=True):

@@ -280,3 +280,32 @@ def test_an_unchanged_batch_keeps_a_no_for_a_few_steps_and_a_changed_one_recompu
     assert decided == [1, 1, 2]  # a new batch: decided again at once
     spec.plan([decoding("c"), decoding("d")], 1000)
     assert decided == [1, 1, 2, 2]  # as large, but other sequences (a new request has its own prospects)
+
+
+def test_a_round_that_resends_a_whole_history_does_not_set_the_draft_cost():
+    """A sequence's first draft call carries its prompt and takes longer than any later one: timed, it
+    priced speculation out after one call on an H200 (2026-12-04). Only rounds without resets count."""
+    now = [0.0]
+    durations = iter([0.010] + [0.0005] * 50)  # the reset round, then ordinary rounds
+
+    class Timed(Recorder):
+        def propose(self, calls):
+            now[0] += next(durations)
+            return super().propose(calls)
+
+    draft = Timed([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, clock=lambda: now[0])
+    spec.observe_step(1, 1, 0.0015)
+    for q in range(2, 6):
+        spec.observe_step(1, q, 0.0016)
+    r = decoding("a")
+    spec.plan([r], 1000)
+    assert draft.calls[-1][0].reset and spec.draft_time is None
+    spec.observe(r, len(r.spec_token_ids), len(r.spec_token_ids))
+    r.output_token_ids += r.spec_token_ids + [9]
+    r.spec_token_ids = []
+    r.num_computed_tokens = r.num_tokens - 1
+    spec.plan([r], 1000)
+    assert r.spec_token_ids, "a 10 ms reset round must not price out a draft whose rounds take 0.5 ms"
+    assert spec.draft_time == pytest.approx(0.0005)
+
