@@ -19,8 +19,9 @@ discounted by how often the draft proposes anything at all. A step's cost depend
 sequences, Q query tokens each: verify steps are padded to their longest run and replay a CUDA graph of
 that shape where one exists), so for each step-wide k in [1, K] the batch's expected tokens
 sum_i E_i / (T(B, k + 1) + D) are compared with a plain step's B / T(B, 1); T is measured per shape
-(`StepCostModel`) and D is the measured draft round trip of rounds that send only new tokens (a round
-that resends a whole history, as every sequence's first does, is not what a step costs). The best k wins; k = 0 means no speculation
+(`StepCostModel`) and D is the measured draft round trip of warm rounds: right after the previous step's
+round and sending only new tokens (a round that resends a whole history, as every sequence's first does,
+or that wakes an idle channel, is not what a speculating step costs); until one is measured D counts as 0. The best k wins; k = 0 means no speculation
 (no draft call at all). Each sequence brings at most the drafts its acceptance makes useful (it pads
 anyway). When nobody speculates, the batch probes with k = 1 after `probe_interval` steps so the
 estimates can recover, and waits twice as long after each probe that finds nothing (up to 16x), so a
@@ -207,16 +208,19 @@ class Speculator:
     def __init__(self, config: SpeculativeConfig, draft: DraftClient, clock: Callable[[], float] = time.monotonic):
         self.config, self.draft, self.clock = config, draft, clock
         self.costs = StepCostModel(config.prior_token_cost)
-        self.draft_time: float | None = None  # decayed mean seconds of a proposal round without resets
+        self.draft_time: float | None = None  # decayed mean seconds of a warm proposal round (see plan)
         self.seqs: dict[str, _SeqState] = {}
         self.steps_off = 0  # steps nobody speculated though a good draft could have paid
         self.quiet = 0  # steps left in which an unchanged batch keeps the last "no speculation" decision
         self.quiet_key: tuple | None = None  # (running count, eligible request ids) when that decision was made
         self.probe_after = 0  # steps off before the next probe; doubles while probes find nothing worth it
         self.counters = SpecCounters()
+        self.plans = 0  # plan() calls so far (one per engine step)
+        self.last_call = -2  # the plan() that last called the draft
 
     def plan(self, running: list[Request], max_model_len: int) -> None:
         """Set `spec_token_ids` on the running requests that speculate this step (blocking draft call)."""
+        self.plans += 1
         for r in running:  # drafts of a request the budget left out last step are stale now
             r.spec_token_ids = []
         eligible = [r for r in running if _is_decoding(r)]
@@ -250,10 +254,14 @@ class Speculator:
         start = self.clock()
         proposals = self.draft.propose(calls)
         elapsed = self.clock() - start
-        if not any(call.reset for call in calls):
-            # A round with a reset carries a whole history (a new sequence's prompt: ~2.5 ms against ~0.9 ms
-            # for a step's draft on an H200, 2026-12-04); timed, it made the first call of every run the
-            # last, so it does not set the draft's cost.
+        warm = self.last_call == self.plans - 1
+        self.last_call = self.plans
+        if warm and not any(call.reset for call in calls):
+            # What a speculating step pays: a round right after the previous step's, with only new tokens.
+            # A round with a reset carries a whole history (a new sequence's prompt), and the first round
+            # after an idle spell wakes the channel and the server (both ~2.2-2.5 ms against ~0.9 ms back
+            # to back on an H200, 2026-12-04); timed, they priced the Draft service out after its first
+            # call and kept it out, since an idle draft is only ever called cold.
             self.draft_time = elapsed if self.draft_time is None else 0.8 * self.draft_time + 0.2 * elapsed
         self.counters.draft_calls += 1
         self.counters.draft_seconds += elapsed

@@ -282,11 +282,12 @@ def test_an_unchanged_batch_keeps_a_no_for_a_few_steps_and_a_changed_one_recompu
     assert decided == [1, 1, 2, 2]  # as large, but other sequences (a new request has its own prospects)
 
 
-def test_a_round_that_resends_a_whole_history_does_not_set_the_draft_cost():
-    """A sequence's first draft call carries its prompt and takes longer than any later one: timed, it
-    priced speculation out after one call on an H200 (2026-12-04). Only rounds without resets count."""
+def test_only_warm_rounds_set_the_draft_cost():
+    """A sequence's first draft call carries its prompt, and a call after idle steps wakes the channel:
+    both take longer than a speculating step's call, and timed, they priced speculation out after one
+    call on an H200 (2026-12-04). Only rounds right after the previous step's, without resets, count."""
     now = [0.0]
-    durations = iter([0.010] + [0.0005] * 50)  # the reset round, then ordinary rounds
+    durations = iter([0.010, 0.0005, 0.0005] + [0.0005] * 50)  # the reset round, then ordinary rounds
 
     class Timed(Recorder):
         def propose(self, calls):
@@ -307,5 +308,26 @@ def test_a_round_that_resends_a_whole_history_does_not_set_the_draft_cost():
     r.num_computed_tokens = r.num_tokens - 1
     spec.plan([r], 1000)
     assert r.spec_token_ids, "a 10 ms reset round must not price out a draft whose rounds take 0.5 ms"
+    assert spec.draft_time == pytest.approx(0.0005)
+
+
+def test_a_call_after_idle_steps_does_not_set_the_draft_cost():
+    now = [0.0]
+
+    durations = iter([0.010, 0.003, 0.0005])  # the reset round, a cold one, a warm one
+
+    class Slow(Recorder):
+        def propose(self, calls):
+            now[0] += next(durations)
+            return super().propose(calls)
+
+    draft = Slow([1, 2, 3, 4])
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, adaptive=False), draft, clock=lambda: now[0])
+    r = decoding("a")
+    spec.plan([r], 1000)  # reset: not timed
+    spec.plans += 5  # five steps without a call
+    spec.plan([r], 1000)  # cold: not timed
+    assert spec.draft_time is None
+    spec.plan([r], 1000)  # warm
     assert spec.draft_time == pytest.approx(0.0005)
 
