@@ -16,9 +16,10 @@ must produce exactly the plain run's tokens (checked first, for every task and m
 
 Parts 1 and 3 also run "attached-off", a control: the speculator attached to a draft that never proposes,
 so it plans every step (and calls that draft) but never verifies; against "none" it is the per-step cost
-of having speculation on at all. Part 1 also runs "ngram-local": the same n-gram proposer inside the engine's
-process (a decode worker started without --draft-address), which shows what the RPC costs. Each variant runs in interleaved rounds after a gc.collect() (a gen-2
-collection in a 0.2 s run is a 5-10% outlier); tables give the median with the spread (min-max) over rounds.
+of having speculation on at all. Part 1 also runs "ngram-local": the same n-gram proposer inside the
+engine's process (a decode worker started without --draft-address), which shows what the RPC costs. Each
+variant runs in interleaved rounds after a gc.collect() (a gen-2 collection in a 0.2 s run is a 5-10%
+outlier); tables give the median with the spread (min-max) over rounds.
 
     python benchmarks/speculative.py [--device cpu|cuda] [--smoke] [--verify-graphs on|off|both] [--out DIR]
 """
@@ -137,6 +138,12 @@ def spread(values: list[float], digits: int = 1) -> dict:
     """Median and range over rounds."""
     return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
             "max": round(max(values), digits)}  # fmt: skip
+
+
+def ranged(name: str, values: list[float]) -> dict:
+    """A sweep row's columns for one variant: `<name>_tok_s` (the median), `<name>_min`, `<name>_max`."""
+    tps = spread(values)
+    return {f"{name}_tok_s": tps["median"], f"{name}_min": tps["min"], f"{name}_max": tps["max"]}
 
 
 def speedups(runs: list[float], plain: list[float]) -> dict:
@@ -353,17 +360,11 @@ def batch_sweep(engine, tokenizer, address, base, args) -> list[dict]:
                 stats[mode] = {"speculating": size <= base.spec_max_batch_size and c.draft_calls > 0,
                                "acceptance_rate": round(c.acceptance_rate, 3), "verifications": c.verifications,
                                "verify_graph_replays": verify_replays(engine) - before}  # fmt: skip
-        plain, off = spread(plain_runs), spread(off_runs)
         off_speedup = speedups(off_runs, plain_runs)
         for mode in args.modes:
-            tps = spread(spec_runs[mode])
-            rows.append({"batch": size, "verify_graphs": mode,
-                         "plain_tok_s": plain["median"], "plain_min": plain["min"], "plain_max": plain["max"],
-                         "attached_off_tok_s": off["median"], "attached_off_min": off["min"], "attached_off_max": off["max"],
-                         "attached_off_speedup": off_speedup["speedup"], "attached_off_speedup_min": off_speedup["speedup_min"],
-                         "attached_off_speedup_max": off_speedup["speedup_max"],
-                         "ngram_tok_s": tps["median"], "ngram_min": tps["min"], "ngram_max": tps["max"],
-                         **speedups(spec_runs[mode], plain_runs), **stats[mode]})  # fmt: skip
+            rows.append({"batch": size, "verify_graphs": mode, **ranged("plain", plain_runs),
+                         **ranged("attached_off", off_runs), **{f"attached_off_{k}": v for k, v in off_speedup.items()},
+                         **ranged("ngram", spec_runs[mode]), **speedups(spec_runs[mode], plain_runs), **stats[mode]})  # fmt: skip
             print("sweep", json.dumps(rows[-1]), flush=True)
         set_verify_graphs(engine, args.modes[0] == "on")
     return rows

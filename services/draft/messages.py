@@ -17,6 +17,7 @@ from stageserve.v1 import draft_pb2
 MAX_BATCH_ITEMS = 256
 """The most items one ProposeBatch may carry (a client splits a larger round)."""
 
+
 @dataclass(frozen=True)
 class ProposeCall:
     """A decoded `ProposeRequest` (one `Propose`, or one item of a `ProposeBatch`); the proposer validates it."""
