@@ -3,6 +3,7 @@ layout conversions, registers. Triton compiles for sm_90a here (its bundled ptxa
 change can be judged by its SASS before it costs device time.
 
     python benchmarks/kernel_sass.py                       # int4 g128 and int8, both GEMV forms, batch 1
+    python benchmarks/kernel_sass.py --gluon               # the Gluon GEMV (kernels/quant_gemv_gluon.py), batch 1 and 2
     python benchmarks/kernel_sass.py --bits 4 --block-n 8 --block-w 128 --dump /tmp/sass
 
 Per variant: instructions in the hottest loop and per code (weight element) it handles, global loads by
@@ -37,6 +38,19 @@ def compile_gemv(bits: int, block_n: int, block_w: int, form: str, num_warps: in
     signature = SIGNATURE | {name: "constexpr" for name in constexprs}
     src = ASTSource(fn=qm._quant_gemv_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def compile_gluon(bits: int, block_m: int, config):
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from stageserve.kernels import quant_gemv_gluon as qg
+
+    constexprs = {"BITS": bits, "GROUP": 128, "PER_CHANNEL": bits == 8, "HAS_OFFSET": bits == 4, "BLOCK_M": block_m,
+                  "RPT": config.rows_per_thread, "TN": config.threads_n, "BLOCK_C": config.chunks_per_step, "EVEN_C": True}  # fmt: skip
+    signature = SIGNATURE | {"code_mask": "i32"} | {name: "constexpr" for name in constexprs}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 8, 9)}  # pointers and row strides, as launched
+    src = GluonASTSource(fn=qg._quant_gemv_gluon_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 
 
 def hottest_loop(sass: list[str]) -> list[str]:
@@ -95,7 +109,17 @@ def main() -> None:
     ap.add_argument("--block-w", type=int, default=128, help="words per row per step")
     ap.add_argument("--num-warps", type=int, default=4)
     ap.add_argument("--dump", type=Path, default=None, help="also write each variant's SASS and TTGIR here")
+    ap.add_argument("--gluon", action="store_true", help="the Gluon GEMV at its first launch configuration instead")
     args = ap.parse_args()
+    if args.gluon:
+        from stageserve.kernels.quant_gemv_gluon import CONFIGS
+
+        c = CONFIGS[0]
+        for bits in args.bits:
+            for block_m in (1, 2):
+                codes = c.rows_per_thread * (c.chunks_per_step * c.threads_n // 32) * (128 // bits)  # per thread per iteration
+                print(report(f"gluon_int{bits}_m{block_m}_{c.label()}", compile_gluon(bits, block_m, c), codes, args.dump), flush=True)
+        return
     for bits in args.bits:
         for form in ("planes", "korder"):
             kernel = compile_gemv(bits, args.block_n, args.block_w, form, args.num_warps)

@@ -112,6 +112,8 @@ def variants(p, batch: int) -> dict:
     if batch <= qm.GEMV_MAX_M:
         out["gemv"] = lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits)
         out["gemv_k"] = lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits, k_order=True)
+        if ON_GPU and qm.gluon_supports(torch.empty(0, device=DEVICE), p.qweight, p.scales, p.bits):
+            out["gluon"] = lambda x: qm.quant_gemv_gluon(x, p.qweight, p.scales, p.offsets, p.bits)
     out["mm"] = lambda x: qm.quant_mm(x, p.qweight, p.scales, p.offsets, p.bits)
     out["dq+gemm"] = lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t()
     return out
@@ -189,7 +191,7 @@ def _mm(x, args, c):
                        num_warps=c["num_warps"], num_stages=c["num_stages"])  # fmt: skip
 
 
-def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8")) -> None:
+def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), kernels=None) -> None:
     """Every launch configuration per shape, format and batch; one row per (shape, fmt, batch) with the best."""
     from stageserve.kernels import fp8 as fp8k
 
@@ -217,11 +219,18 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8")) ->
                     if m <= qm.GEMV_MAX_M:
                         for c in GEMV_CONFIGS:
                             runs["gemv_" + "_".join(f"{int(v)}" for v in c.values())] = lambda c=c: _gemv(x, args, c)
+                        if ON_GPU and qm.gluon_supports(x, p.qweight, p.scales, p.bits):
+                            from stageserve.kernels.quant_gemv_gluon import CONFIGS
+
+                            for c in CONFIGS:
+                                runs[c.label()] = lambda c=c: qm.quant_gemv_gluon(x, *args, config=c)
                     if m >= 4:
                         for c in MM_CONFIGS:
                             if c["block_m"] <= max(16, 2 * m):
                                 runs["mm_" + "_".join(f"{v}" for v in c.values())] = lambda c=c: _mm(x, args, c)
                     runs["dq+gemm"] = lambda: x @ qm.dequantize(*args, x.dtype).t()
+                if kernels:
+                    runs = {v: fn for v, fn in runs.items() if v.startswith(tuple(kernels))}
                 times = {}
                 for v, fn in runs.items():
                     try:
@@ -340,6 +349,9 @@ def main() -> int:
     parser.add_argument("--formats", default=",".join(FORMATS), help="decode-phase formats (bf16 first: the baseline)")
     parser.add_argument("--sweep-batches", default=None, help="sweep phase: batch sizes (default 1,4,16,64,256 on a GPU)")
     parser.add_argument("--sweep-formats", default="int4,int8,fp8", help="sweep phase: formats")
+    parser.add_argument("--decode-batches", default=None, help="decode phase: batch sizes (default 1,16,64,256 on a GPU)")
+    parser.add_argument("--sweep-kernels", default=None,
+                        help="sweep phase: only variants whose names start with one of these (comma-separated)")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     for name in [f for f in FORMATS if f not in args.formats.split(",")]:
@@ -370,12 +382,15 @@ def main() -> int:
             save()
         if "sweep" in phases:
             batches = [int(b) for b in args.sweep_batches.split(",")] if args.sweep_batches else ([1, 4, 16, 64, 256] if ON_GPU else [1, 8])
-            sweep_phase({k: v for k, v in shapes.items() if k not in ("tiny", "o")} or shapes, batches, iters, args.sweep_formats.split(","))
+            sweep_phase({k: v for k, v in shapes.items() if k not in ("tiny", "o")} or shapes, batches, iters, args.sweep_formats.split(","),
+                        args.sweep_kernels.split(",") if args.sweep_kernels else None)
             save()
         if "kernels" in phases:
             kernel_phases({k: v for k, v in shapes.items() if k in ("tiny", "qkv", "down")}, kernel_batches, iters, float("inf"))
             save()
     if "decode" in phases:
+        if args.decode_batches:
+            decode_batches = [int(b) for b in args.decode_batches.split(",")]
         decode_phase(model, decode_batches, ctx, iters, copy_bw)
         summary()
     RESULTS["parity_ok"] = ok

@@ -320,6 +320,40 @@ def quant_gemv(
     return out
 
 
+def quant_gemv_gluon(
+    x: torch.Tensor,  # [M, K], M <= GEMV_MAX_M (rows past quant_gemv_gluon's MAX_M run in further programs)
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bits: int,
+    *,
+    config=None,  # a quant_gemv_gluon.GluonGemvConfig; default its CONFIGS[0]
+    out: torch.Tensor | None = None,  # [M, N]
+) -> torch.Tensor:  # [M, N]
+    """quant_gemv with explicit register layouts (kernels/quant_gemv_gluon.py): 16-byte loads of weights and
+    inputs, two instructions per code before its FMA. CUDA only (Gluon has no interpreter); `gluon_supports`
+    says whether a weight's K and group fit its chunks."""
+    from stageserve.kernels import quant_gemv_gluon as qg
+
+    m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
+    assert 1 <= m <= GEMV_MAX_M, f"quant_gemv_gluon takes 1..{GEMV_MAX_M} rows, got {m}; use quant_mm"
+    assert qg.available(x.device), "quant_gemv_gluon needs a CUDA device of compute capability >= 8.0"
+    assert qg.supports(k, tile, per_channel, bits), f"K={k}, group {tile}: not a whole number of {qg.VEC}-word chunks per group"
+    qg.launch(x, _words(qweight), scales, offsets, out, m=m, n=n, k=k, group=tile, per_channel=per_channel, bits=bits,
+              config=config or qg.CONFIGS[0])  # fmt: skip
+    return out
+
+
+def gluon_supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> bool:
+    """Whether quant_gemv_gluon can run this weight on x's device."""
+    from stageserve.kernels import quant_gemv_gluon as qg
+
+    k = qweight.shape[1] * (8 // bits)
+    per_channel = scales.shape[1] == 1
+    group = _k_tile(k, k // scales.shape[1], per_channel) if k % scales.shape[1] == 0 and k % 32 == 0 else 0
+    return qg.available(x.device) and group > 0 and qg.supports(k, group, per_channel, bits)
+
+
 def _block_w(num_words: int, choices) -> int:
     """The largest word count per K step that divides a row (the kernels' K loops are unmasked)."""
     return next(w for w in choices if num_words % w == 0)

@@ -12,8 +12,10 @@ import torch
 from stageserve.kernels.quant_matmul import (
     dequantize,
     dequantize_ref,
+    gluon_supports,
     pack_int4,
     quant_gemv,
+    quant_gemv_gluon,
     quant_matmul_ref,
     quant_mm,
     unpack_int4,
@@ -107,3 +109,35 @@ def test_quant_kernels_full(device, gen, fmt, m, nk):
         for k_order in (False, True):
             assert rel_error(quant_gemv(x, qweight, scales, offsets, bits, k_order=k_order), ref) < TOLERANCE[torch.bfloat16]
     assert rel_error(quant_mm(x, qweight, scales, offsets, bits), ref) < TOLERANCE[torch.bfloat16]
+
+
+def test_gluon_gemv_fits():
+    """The Gluon GEMV takes whole 4-word chunks, each inside one group, and never runs off CUDA."""
+    from stageserve.kernels.quant_gemv_gluon import supports
+
+    assert supports(4096, 128, False, 4) and supports(576, 64, False, 4) and supports(576, 576, True, 8)
+    assert not supports(48, 48, True, 4)  # K not a multiple of a 32-nibble chunk
+    assert not supports(80, 40, False, 8)  # a 16-byte chunk would straddle two 40-code groups
+    qweight, scales, _, bits = make_weight("int4_g128", 8, 256, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert not gluon_supports(torch.empty(0), qweight, scales, bits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("nk", [(6144, 4096), (4096, 14336), (1000, 576), (36, 1536)])
+def test_quant_gemv_gluon(device, gen, fmt, m, nk, dtype):
+    """The Gluon GEMV at full shapes, SmolLM2's odd K (576: chunks that no step divides) and fewer rows than
+    one program covers; every launch configuration at the first shape in bfloat16."""
+    from stageserve.kernels.quant_gemv_gluon import CONFIGS
+
+    n, k = nk
+    qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
+    if not gluon_supports(torch.empty(0, device=device), qweight, scales, bits):
+        pytest.skip(f"{fmt} K={k}: not a whole number of chunks per group")
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
+    for config in CONFIGS if (nk == (6144, 4096) and dtype == torch.bfloat16) else CONFIGS[:1]:
+        out = quant_gemv_gluon(x, qweight, scales, offsets, bits, config=config)
+        assert rel_error(out, ref) < TOLERANCE[dtype], config

@@ -10,8 +10,9 @@ which kernel runs is decided by the `QuantSpec`:
     gguf   PackedLinear: Q4_0/Q4_1/Q8_0 blocks kept packed    /
     fp8    Fp8Linear: e4m3 weights and activations, torch._scaled_mm on Hopper
 
-Per shape (batch rows M of the step), PackedLinear picks among the GEMV kernel in its two forms (M <= 8:
-every weight byte read once; code planes, or tiles dequantized into k order), the tiled fused kernel,
+Per shape (batch rows M of the step), PackedLinear picks among the GEMV kernels (M <= 8: every weight
+byte read once; the `tl` kernel's code planes or tiles dequantized into k order, and on the GPU the Gluon
+kernel with explicit layouts), the tiled fused kernel,
 and dequantize + cuBLAS. With `quant_dispatch="tune"` (the
 default) each layer times the candidates the first time it sees a batch bucket (next power of two of M)
 and keeps the fastest; "fixed" uses the thresholds gemv_max_batch / fused_max_batch.
@@ -164,19 +165,26 @@ class PackedLinear(QuantizedLinear):
         from stageserve.kernels import quant_matmul as qm
 
         p = self.packed
-        return {
+        kernels = {
             "gemv": lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits),
             "gemv_k": lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits, k_order=True),
             "mm": lambda x: qm.quant_mm(x, p.qweight, p.scales, p.offsets, p.bits),
             # compute-bound: one dequantize pass, then the tensor-core GEMM
             "dequant": lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t(),
         }
+        if qm.gluon_supports(p.qweight, p.qweight, p.scales, p.bits):
+            from stageserve.kernels.quant_gemv_gluon import CONFIGS, TUNED
+
+            for c in CONFIGS[:TUNED]:
+                kernels[f"gemv_{c.label()}"] = lambda x, c=c: qm.quant_gemv_gluon(x, p.qweight, p.scales, p.offsets, p.bits, config=c)
+        return kernels
 
     def _pick(self, x: torch.Tensor) -> str:
         from stageserve.kernels.quant_matmul import GEMV_MAX_M
 
         m, spec, p = x.shape[0], self.spec, self.packed
-        fixed = "gemv" if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else ("mm" if m <= spec.fused_max_batch else "dequant")
+        gemv = next((k for k in self._kernels() if k.startswith("gemv_gluon")), "gemv")  # Gluon's first config where it runs
+        fixed = gemv if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else ("mm" if m <= spec.fused_max_batch else "dequant")
         key = (*p.shape, p.bits, p.group_size, _bucket(m))
         return _choose(spec, key, fixed, lambda: {k: f for k, f in self._kernels().items() if not k.startswith("gemv") or m <= GEMV_MAX_M}, x)
 
