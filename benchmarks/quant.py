@@ -115,6 +115,8 @@ def variants(p, batch: int) -> dict:
         if ON_GPU and qm.gluon_supports(torch.empty(0, device=DEVICE), p.qweight, p.scales, p.bits):
             out["gluon"] = lambda x: qm.quant_gemv_gluon(x, p.qweight, p.scales, p.offsets, p.bits)
     out["mm"] = lambda x: qm.quant_mm(x, p.qweight, p.scales, p.offsets, p.bits)
+    if ON_GPU and qm.mm_gluon_supports(torch.empty(0, device=DEVICE), p.qweight, p.scales, p.offsets, p.bits):
+        out["mm_gluon"] = lambda x: qm.quant_mm_gluon(x, p.qweight, p.scales, p.offsets, p.bits)
     out["dq+gemm"] = lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t()
     return out
 
@@ -224,6 +226,11 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
 
                             for c in CONFIGS:
                                 runs[c.label()] = lambda c=c: qm.quant_gemv_gluon(x, *args, config=c)
+                    if m >= 2 and qm.mm_gluon_supports(x, p.qweight, p.scales, p.offsets, p.bits):
+                        from stageserve.kernels.quant_mm_gluon import CONFIGS as TC_CONFIGS
+
+                        for c in TC_CONFIGS:
+                            runs[c.label()] = lambda c=c: qm.quant_mm_gluon(x, *args, config=c)
                     if m >= 4:
                         for c in MM_CONFIGS:
                             if c["block_m"] <= max(16, 2 * m):

@@ -354,6 +354,40 @@ def gluon_supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return qg.available(x.device) and group > 0 and qg.supports(k, group, per_channel, bits)
 
 
+def quant_mm_gluon(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,  # [N, K // 2] uint8: 4-bit codes only
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    *,
+    config=None,  # a quant_mm_gluon.GluonMmaConfig; default its CONFIGS[0]
+    out: torch.Tensor | None = None,  # [M, N]
+) -> torch.Tensor:  # [M, N]
+    """4-bit weights on tensor cores (kernels/quant_mm_gluon.py), for batches from a few rows up. CUDA only;
+    `mm_gluon_supports` says whether a weight fits."""
+    from stageserve.kernels import quant_mm_gluon as qmg
+
+    m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
+    if m == 0:
+        return out
+    assert x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8, "quant_mm_gluon needs sm_80+"
+    assert offsets is not None and qmg.supports(k, tile, per_channel, bits), f"quant_mm_gluon: {bits}-bit, group {tile}, K={k} does not fit"
+    qmg.launch(x, _words(qweight), scales, offsets, out, m=m, n=n, k=k, group=tile, config=config or qmg.CONFIGS[0],
+               sms=num_sms(x.device))
+    return out
+
+
+def mm_gluon_supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets, bits: int) -> bool:
+    """Whether quant_mm_gluon can run this weight on x's device."""
+    from stageserve.kernels import quant_mm_gluon as qmg
+
+    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 8 or offsets is None or bits != 4:
+        return False
+    k = qweight.shape[1] * 2
+    return k % scales.shape[1] == 0 and qmg.supports(k, k // scales.shape[1], scales.shape[1] == 1, bits)
+
+
 def _block_w(num_words: int, choices) -> int:
     """The largest word count per K step that divides a row (the kernels' K loops are unmasked)."""
     return next(w for w in choices if num_words % w == 0)

@@ -16,6 +16,8 @@ from stageserve.kernels.quant_matmul import (
     pack_int4,
     quant_gemv,
     quant_gemv_gluon,
+    quant_mm_gluon,
+    mm_gluon_supports,
     quant_matmul_ref,
     quant_mm,
     unpack_int4,
@@ -141,3 +143,22 @@ def test_quant_gemv_gluon(device, gen, fmt, m, nk, dtype):
     for config in CONFIGS if (nk == (6144, 4096) and dtype == torch.bfloat16) else CONFIGS[:1]:
         out = quant_gemv_gluon(x, qweight, scales, offsets, bits, config=config)
         assert rel_error(out, ref) < TOLERANCE[dtype], config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 33, 64, 100, 256])
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g64", "q4_1"])
+@pytest.mark.parametrize("nk", [(6144, 4096), (1000, 576)])
+def test_quant_mm_gluon(device, gen, fmt, m, nk):
+    """The 4-bit tensor-core kernel against the reference, every launch configuration, batches that are and
+    are not multiples of its tiles, and output rows that are not."""
+    from stageserve.kernels.quant_mm_gluon import CONFIGS
+
+    n, k = nk
+    qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
+    if not mm_gluon_supports(torch.empty(0, device=device), qweight, scales, offsets, bits):
+        pytest.skip(f"{fmt} K={k}: no whole groups per K step")
+    x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
+    ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
+    for config in CONFIGS:
+        assert rel_error(quant_mm_gluon(x, qweight, scales, offsets, bits, config=config), ref) < TOLERANCE[torch.bfloat16], config

@@ -177,6 +177,11 @@ class PackedLinear(QuantizedLinear):
 
             for c in CONFIGS[:TUNED]:
                 kernels[f"gemv_{c.label()}"] = lambda x, c=c: qm.quant_gemv_gluon(x, p.qweight, p.scales, p.offsets, p.bits, config=c)
+        if qm.mm_gluon_supports(p.qweight, p.qweight, p.scales, p.offsets, p.bits):
+            from stageserve.kernels.quant_mm_gluon import CONFIGS as MM_CONFIGS
+
+            for c in MM_CONFIGS:
+                kernels[f"mm_gluon_{c.label()}"] = lambda x, c=c: qm.quant_mm_gluon(x, p.qweight, p.scales, p.offsets, p.bits, config=c)
         return kernels
 
     def _pick(self, x: torch.Tensor) -> str:
