@@ -148,6 +148,26 @@ def test_quantized_layers_compute_with_their_dequantized_weight(method):
     assert (layer.dequantized_weight() - weight()).abs().max() < bound * weight().abs().max()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["int8", "int4", "gguf"])
+def test_packed_linear_on_the_gpu_tunes_among_kernels_that_agree(method):
+    """On CUDA the layer times its candidate kernels per batch bucket (Gluon GEMV and, for 4-bit codes, the
+    tensor-core kernel among them) and whichever it keeps computes with its dequantized weight."""
+    device = torch.device("cuda")
+    layer = make_linear(576, 1536, False, QuantSpec(method=method))  # SmolLM2's up projection
+    layer.load(weight(1536, 576), device)
+    names = set(layer._kernels())
+    assert any(n.startswith("gemv_gluon") for n in names)
+    assert any(n.startswith("mm_gluon") for n in names) == (method != "int8")
+    deq = layer.dequantized_weight()
+    for m in (1, 3, 8, 16, 64):
+        x = torch.randn(m, 576, device=device, dtype=torch.bfloat16)
+        out = layer(x).float()
+        ref = x.float() @ deq.t()
+        assert ((out - ref).norm() / ref.norm()).item() < 1.2e-2, (m, layer.spec.choices)
+    assert set(layer.spec.choices.values()) <= names
+
+
 def test_fp8_kv_cache_stores_scaled_bytes_and_reads_them_back():
     cache = torch.zeros(2, 4, 4, 2, 8, dtype=FP8_KV_DTYPE)
     k, v = torch.randn(3, 2, 8) * 5, torch.randn(3, 2, 8)
