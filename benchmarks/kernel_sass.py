@@ -3,7 +3,7 @@ layout conversions, registers. Triton compiles for sm_90a here (its bundled ptxa
 change can be judged by its SASS before it costs device time.
 
     python benchmarks/kernel_sass.py                       # int4 g128 and int8, both GEMV forms, batch 1
-    python benchmarks/kernel_sass.py --gluon               # the Gluon GEMV (kernels/quant_gemv_gluon.py), batch 1 and 2
+    python benchmarks/kernel_sass.py --gluon               # the Gluon GEMV (batch 1, 2) and 4-bit tensor-core kernel (16)
     python benchmarks/kernel_sass.py --bits 4 --block-n 8 --block-w 128 --dump /tmp/sass
 
 Per variant: instructions in the hottest loop and per code (weight element) it handles, global loads by
@@ -50,6 +50,18 @@ def compile_gluon(bits: int, block_m: int, config):
     signature = SIGNATURE | {"code_mask": "i32"} | {name: "constexpr" for name in constexprs}
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 8, 9)}  # pointers and row strides, as launched
     src = GluonASTSource(fn=qg._quant_gemv_gluon_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+
+
+def compile_gluon_mm(group: int, block_mb: int, config):
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from stageserve.kernels import quant_mm_gluon as qmg
+
+    constexprs = {"GROUP": group, "BLOCK_N": config.block_n, "BLOCK_MB": block_mb, "BLOCK_K": min(group, qmg.BLOCK_K_MAX)}
+    signature = SIGNATURE | {"steps_per_split": "i32", "stride_split": "i32"} | {name: "constexpr" for name in constexprs}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9)}  # pointers, K, row strides
+    src = GluonASTSource(fn=qmg._quant_mm_gluon_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 
 
@@ -119,6 +131,12 @@ def main() -> None:
             for block_m in (1, 2):
                 codes = c.rows_per_thread * (c.chunks_per_step * c.threads_n // 32) * (128 // bits)  # per thread per iteration
                 print(report(f"gluon_int{bits}_m{block_m}_{c.label()}", compile_gluon(bits, block_m, c), codes, args.dump), flush=True)
+        from stageserve.kernels.quant_mm_gluon import CONFIGS as TC
+
+        for group in (128, 32):  # INT4 g128, Q4_0/Q4_1
+            tc = TC[0]
+            codes = tc.block_n * min(group, 128) // (32 * tc.num_warps)
+            print(report(f"tc_g{group}_mb16_{tc.label()}", compile_gluon_mm(group, 16, tc), codes, args.dump), flush=True)
         return
     for bits in args.bits:
         for form in ("planes", "korder"):

@@ -48,8 +48,8 @@ def _quant_mm_gluon_kernel(
     x_ptr, w_ptr, s_ptr, o_ptr, out_ptr,  # as in quant_matmul._quant_gemv_kernel (w_ptr: int32 words)
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
-    k_per_split, stride_split,  # split K: program (., ., z) takes codes [z k_per_split, (z + 1) k_per_split)
-                                # and writes float32 partial sums at out_ptr + z stride_split
+    steps_per_split, stride_split,  # split K: program (., ., z) takes K steps [z, z + 1) * steps_per_split and
+                                    # writes float32 partial sums at out_ptr + z stride_split
     GROUP: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_MB: gl.constexpr, BLOCK_K: gl.constexpr,
 ):  # fmt: skip
     WARPS: gl.constexpr = gl.num_warps()
@@ -78,13 +78,15 @@ def _quant_mm_gluon_kernel(
     sn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     s_rows = gl.minimum(sn, N - 1).to(gl.int64) * stride_sn
 
-    k_start = gl.program_id(2) * k_per_split
-    k_end = gl.minimum(K, k_start + k_per_split)
+    k_start = gl.program_id(2) * steps_per_split * BLOCK_K  # a multiple of BLOCK_K: 16-byte aligned loads
+    k_end = gl.minimum(K, k_start + steps_per_split * BLOCK_K)
     acc = gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA)
     w_next = gl.load(w_ptr + (w_off + k_start // 8))
     for k0 in range(k_start, k_end, BLOCK_K):
         w = w_next  # the next step's words load while this one is unpacked and multiplied
-        w_next = gl.load(w_ptr + (w_off + gl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) // 8))
+        k_next = k0 + BLOCK_K
+        k_next = gl.where(k_next < k_end, k_next, k0)  # (a select keeps the alignment a min would lose)
+        w_next = gl.load(w_ptr + (w_off + k_next // 8))
         p0 = ((w >> 0) & 0x000F000F) | 0x43004300
         p1 = ((w >> 4) & 0x000F000F) | 0x43004300
         p2 = ((w >> 8) & 0x000F000F) | 0x43004300
@@ -134,8 +136,8 @@ def launch(x, words, scales, offsets, out, *, m, n, k, group, config: GluonMmaCo
     grid_nm = (triton.cdiv(n, config.block_n), triton.cdiv(m, mb))
     steps = k // block_k
     splits = split_k(grid_nm[0] * grid_nm[1], steps, sms) if config.split_k is None else config.split_k
-    per_split = triton.cdiv(steps, splits) * block_k
-    splits = triton.cdiv(k, per_split)
+    per_split = triton.cdiv(steps, splits)
+    splits = triton.cdiv(steps, per_split)
     dst = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=out.device)
     _quant_mm_gluon_kernel[(*grid_nm, splits)](
         x, words, scales, offsets, dst, m, n, k,
