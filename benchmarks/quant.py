@@ -357,6 +357,8 @@ def main() -> int:
     parser.add_argument("--sweep-batches", default=None, help="sweep phase: batch sizes (default 1,4,16,64,256 on a GPU)")
     parser.add_argument("--sweep-formats", default="int4,int8,fp8", help="sweep phase: formats")
     parser.add_argument("--decode-batches", default=None, help="decode phase: batch sizes (default 1,16,64,256 on a GPU)")
+    parser.add_argument("--gemv-configs", type=int, default=None,
+                        help="decode phase: the engine's tuner times the first N Gluon GEMV configurations (default its TUNED)")
     parser.add_argument("--sweep-kernels", default=None,
                         help="sweep phase: only variants whose names start with one of these (comma-separated)")
     args = parser.parse_args()
@@ -396,6 +398,10 @@ def main() -> int:
             kernel_phases({k: v for k, v in shapes.items() if k in ("tiny", "qkv", "down")}, kernel_batches, iters, float("inf"))
             save()
     if "decode" in phases:
+        if args.gemv_configs:
+            from stageserve.kernels import quant_gemv_gluon
+
+            quant_gemv_gluon.TUNED = args.gemv_configs  # read by PackedLinear each time it lists its kernels
         if args.decode_batches:
             decode_batches = [int(b) for b in args.decode_batches.split(",")]
         decode_phase(model, decode_batches, ctx, iters, copy_bw)

@@ -20,8 +20,8 @@ sums S = sum f x and X = sum x over the chunk's codes, and since u = 2^BITS (f -
 so a code costs the shift, the lop3 and one FMA; scales and offsets apply once per chunk (or per row, for
 per-channel scales). The one cross-thread reduction is at the end.
 
-Gluon has no interpreter: CPU runs take quant_matmul's `tl` kernels, and tests/kernels check this one
-against them on the GPU.
+Gluon has no interpreter: CPU runs take quant_matmul's `tl` kernels, and tests/kernels/test_quant_matmul.py
+checks this one against the dequantize-then-matmul reference on the GPU.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ and GGUF Q8_0 (group 32):
     quant_mm    larger batches: [BLOCK_M, BLOCK_N] tiles; each K step splits a tile of words into its
                 code planes, dequantizes each in registers and runs one tensor-core dot per plane.
     dequantize  the weight in the activation dtype, for the dequantize + cuBLAS GEMM fallback at large batch.
+    quant_gemv_gluon, quant_mm_gluon   CUDA only: the GEMV with explicit register layouts (quant_gemv_gluon.py)
+                and 4-bit codes on tensor cores (quant_mm_gluon.py); the engine's tuner times them with the rest.
 
 Code p of word j of a row is element PER * j + p (PER = 8 nibbles or 4 bytes a word), so a "plane" (code p
 of every word in a tile) meets the inputs x[PER * j + p]: strided loads of x, which are few (x is tiny
@@ -345,9 +347,11 @@ def quant_gemv_gluon(
 
 
 def gluon_supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> bool:
-    """Whether quant_gemv_gluon can run this weight on x's device."""
-    from stageserve.kernels import quant_gemv_gluon as qg
-
+    """Whether quant_gemv_gluon can run this weight on x's device (and this Triton has Gluon: 3.4 on)."""
+    try:
+        from stageserve.kernels import quant_gemv_gluon as qg
+    except ImportError:
+        return False
     k = qweight.shape[1] * (8 // bits)
     per_channel = scales.shape[1] == 1
     group = _k_tile(k, k // scales.shape[1], per_channel) if k % scales.shape[1] == 0 and k % 32 == 0 else 0
@@ -379,9 +383,11 @@ def quant_mm_gluon(
 
 
 def mm_gluon_supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets, bits: int) -> bool:
-    """Whether quant_mm_gluon can run this weight on x's device."""
-    from stageserve.kernels import quant_mm_gluon as qmg
-
+    """Whether quant_mm_gluon can run this weight on x's device (and this Triton has Gluon: 3.4 on)."""
+    try:
+        from stageserve.kernels import quant_mm_gluon as qmg
+    except ImportError:
+        return False
     if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 8 or offsets is None or bits != 4:
         return False
     k = qweight.shape[1] * 2

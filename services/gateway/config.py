@@ -85,9 +85,17 @@ class GatewayServiceConfig:
     probe_timeout_s: float = field(
         default=5.0,
         metadata={
-            "help": "timeout of a Stats/health probe; a worker that misses it leaves rotation (a busy one "
-            "answers late, so keep this well above a step's time)",
+            "help": "timeout of a Stats/health probe (a busy worker answers late, so keep this well above a "
+            "step's time)",
             "min": 0.001,
+        },
+    )
+    probe_misses: int = field(
+        default=3,
+        metadata={
+            "help": "probe timeouts in a row before a worker leaves rotation and its streams fail over (a "
+            "refused connection takes it out at once)",
+            "min": 1,
         },
     )
     kv_retries: int = field(

@@ -1,7 +1,9 @@
 """Which worker of a role gets the next call, and which workers are in rotation at all.
 
-Life of a worker here: in rotation (calls go to it) -> a call fails with UNAVAILABLE, or a Stats/health
-probe fails -> out of rotation (no calls; probed every poll interval) -> a probe succeeds -> in rotation.
+Life of a worker here: in rotation (calls go to it) -> a call fails with UNAVAILABLE, a probe is refused
+(UNAVAILABLE), or `probe_misses` probes in a row time out -> out of rotation (no calls; probed every poll
+interval) -> a probe succeeds -> in rotation. A single late answer (a worker busy with a long step, or a
+loaded host) only counts a miss: taking the only worker of a role out for it would fail every new request.
 Workers start in rotation; the first poll, run before the gateway reports ready, sorts out the dead ones.
 
 Policies, each a sort key over a worker's load (lowest wins, ties go round-robin):
@@ -56,6 +58,7 @@ class Worker:
     free_blocks: int | None = None  # from the last Stats poll; None before the first
     pending_blocks: int = 0  # blocks reserved through this gateway since that poll
     last_error: str = ""
+    probe_misses: int = 0  # probes in a row that timed out while in rotation
     host_id: str = ""  # prefill: its host, from the last Stats poll (decode offers cuda-ipc only on the same one)
     kv_transports: tuple[str, ...] = ()  # prefill: what it can send KV over, best first
     # Requests streaming from this worker: each is told at once when the worker is found gone, so it
@@ -170,6 +173,7 @@ class WorkerPool:
             logger.info("%s worker %s back in rotation", self.role, worker.address)
         worker.available = True
         worker.last_error = ""
+        worker.probe_misses = 0
 
     @contextlib.contextmanager
     def track(self, worker: Worker) -> Iterator[Worker]:
@@ -180,14 +184,21 @@ class WorkerPool:
         finally:
             worker.in_flight -= 1
 
-    async def probe_all(self, timeout_s: float) -> None:
-        """Probe every worker at once; each result updates rotation (and, for decode, the KV headroom)."""
-        await asyncio.gather(*(self._probe_one(w, timeout_s) for w in self.workers))
+    async def probe_all(self, timeout_s: float, misses: int = 1) -> None:
+        """Probe every worker at once; each result updates rotation (and, for decode, the KV headroom). A
+        worker in rotation leaves it after `misses` timeouts in a row, or at once when refused."""
+        await asyncio.gather(*(self._probe_one(w, timeout_s, misses) for w in self.workers))
 
-    async def _probe_one(self, worker: Worker, timeout_s: float) -> None:
+    async def _probe_one(self, worker: Worker, timeout_s: float, misses: int) -> None:
         try:
             await self._probe(worker, timeout_s)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and worker.available:
+                worker.probe_misses += 1
+                if worker.probe_misses < misses:
+                    logger.warning("%s worker %s missed a probe (%d of %d before it leaves rotation)",
+                                   self.role, worker.address, worker.probe_misses, misses)  # fmt: skip
+                    return
             # Another status (UNIMPLEMENTED, say) proves the worker answers; it keeps whatever state it had.
             if exc.code() in PROBE_DOWN_CODES or not worker.available:
                 self.mark_down(worker, f"probe: {exc.code().name}: {exc.details()}")
@@ -243,6 +254,7 @@ class Router:
     channels: dict[str, grpc.aio.Channel]
     poll_interval_s: float
     probe_timeout_s: float
+    probe_misses: int = 1
     _task: asyncio.Task | None = field(default=None, repr=False)
 
     @classmethod
@@ -254,6 +266,7 @@ class Router:
         poll_interval_s: float,
         probe_timeout_s: float,
         security: SecurityConfig | None = None,
+        probe_misses: int = 1,
     ) -> Router:
         channels: dict[str, grpc.aio.Channel] = {}
 
@@ -278,6 +291,7 @@ class Router:
             channels=channels,
             poll_interval_s=poll_interval_s,
             probe_timeout_s=probe_timeout_s,
+            probe_misses=probe_misses,
         )
 
     @property
@@ -286,7 +300,7 @@ class Router:
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(pool.refresh() for pool in self.pools))
-        await asyncio.gather(*(pool.probe_all(self.probe_timeout_s) for pool in self.pools))
+        await asyncio.gather(*(pool.probe_all(self.probe_timeout_s, self.probe_misses) for pool in self.pools))
 
     async def start(self) -> None:
         """Poll once (so dead workers are out of rotation before the first request), then keep polling."""

@@ -89,6 +89,7 @@ async def start(config: GatewayServiceConfig) -> GatewayHandle:
         poll_interval_s=config.stats_poll_interval_s,
         probe_timeout_s=config.probe_timeout_s,
         security=config.server.security,
+        probe_misses=config.probe_misses,
     )
     gateway = Gateway(config, router, Metrics())
     try:

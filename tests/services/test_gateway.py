@@ -568,6 +568,37 @@ def test_pool_prefers_fewest_in_flight_and_skips_workers_out_of_rotation():
     assert pool.choose() is b and b.last_error == ""
 
 
+def test_a_worker_leaves_rotation_after_probe_misses_in_a_row_or_at_once_when_refused():
+    """One late answer is a miss, not a loss: the only worker of a role stays in rotation and its streams keep
+    going until `misses` probes in a row time out; a refused connection takes it out at once."""
+    answers: list[grpc.StatusCode | None] = []
+
+    async def probe(worker, timeout_s):
+        code = answers.pop(0)
+        if code is not None:
+            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="probe")
+
+    worker = Worker("a", None)
+    lost: list[str] = []
+    worker.on_lost.add(lost.append)
+    pool = WorkerPool("prefill", [worker], least_in_flight, probe)
+
+    async def poll(*codes):
+        for code in codes:
+            answers.append(code)
+            await pool.probe_all(0.1, misses=3)
+
+    late, refused = grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE
+    asyncio.run(poll(late, late, None, late, late))  # an answer in between starts the count again
+    assert worker.available and pool.choose() is worker and not lost
+    asyncio.run(poll(late))  # the third in a row
+    assert not worker.available and len(lost) == 1 and "DEADLINE_EXCEEDED" in worker.last_error
+    asyncio.run(poll(None))
+    assert worker.available and worker.probe_misses == 0
+    asyncio.run(poll(refused))
+    assert not worker.available and len(lost) == 2
+
+
 # ---- the CLI's client commands -------------------------------------------------------------------
 
 

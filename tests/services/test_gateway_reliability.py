@@ -168,7 +168,8 @@ class SilentDecode(FakeDecode):
 
 
 def test_a_silent_decode_is_found_by_its_probes_and_its_streams_end_at_once(tokenizer, output_ids):
-    """stream_idle_timeout_s is 60 s, but the probe (0.3 s) finds the worker gone and cuts its streams."""
+    """stream_idle_timeout_s is 60 s, but the probes (0.3 s, three missed in a row) find the worker gone and cut
+    its streams."""
 
     async def body():
         prefill = FakePrefill(output_ids[0])
