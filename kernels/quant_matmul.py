@@ -11,8 +11,8 @@ and GGUF Q8_0 (group 32):
     quant_gemv  small batches (decode): each program owns BLOCK_N output rows and streams them once for all
                 BLOCK_M <= 8 inputs, so at batch 1 every weight byte is read exactly once. Tiles stay 2-D/3-D
                 and element-wise (one reduction at the very end), which Triton compiles to plain FMAs.
-    quant_mm    larger batches: [BLOCK_M, BLOCK_N] tiles; each K step splits a tile of words into its
-                code planes, dequantizes each in registers and runs one tensor-core dot per plane.
+    quant_mm    larger batches: [BLOCK_M, BLOCK_N] tiles; each K step dequantizes a tile of words into k
+                order in registers and runs one tensor-core dot.
     dequantize  the weight in the activation dtype, for the dequantize + cuBLAS GEMM fallback at large batch.
     quant_gemv_gluon, quant_mm_gluon   CUDA only: the GEMV with explicit register layouts (quant_gemv_gluon.py)
                 and 4-bit codes on tensor cores (quant_mm_gluon.py); the engine's tuner times them with the rest.

@@ -116,6 +116,7 @@ class PackedLinear(QuantizedLinear):
         self.input_scale: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None  # float weight kept until calibration (AWQ) quantizes it
         self._cpu_weight: torch.Tensor | None = None  # off CUDA: the reference's dequantized weight, made once
+        self._table: tuple | None = None  # (the packed weight, its kernels by name): built once per weight
 
     def quantize(self, weight: torch.Tensor) -> PackedWeight:
         method = self.spec.method
@@ -162,6 +163,10 @@ class PackedLinear(QuantizedLinear):
         return self._finish(self._kernels()[self._pick(x2)](x2), shape)
 
     def _kernels(self) -> dict:
+        """The kernels that can run this weight, by name; built once per weight (prefill runs eagerly, and
+        every projection call asks)."""
+        if self._table is not None and self._table[0] is self.packed:
+            return self._table[1]
         from stageserve.kernels import quant_matmul as qm
 
         p = self.packed
@@ -182,6 +187,7 @@ class PackedLinear(QuantizedLinear):
 
             for c in MM_CONFIGS:
                 kernels[f"mm_gluon_{c.label()}"] = lambda x, c=c: qm.quant_mm_gluon(x, p.qweight, p.scales, p.offsets, p.bits, config=c)
+        self._table = (p, kernels)
         return kernels
 
     def _pick(self, x: torch.Tensor) -> str:
