@@ -11,7 +11,10 @@ A K step of BLOCK_K = GROUP or 128 codes lies in one scale group, so with p = su
 X = sum x over the step (from the B tile), the step adds s p + (o - 128 s) X per output. The pairs come out
 in the order (word j, shift s, half h) -> k = 8 j + s + 4 h, and the x tile is loaded in that same order, so
 the weights keep quant_matmul's layout. The tile reaches the A operand's registers through shared memory
-(the layout conversion Gluon inserts); x loads straight into the B operand's layout.
+(the layout conversion Gluon inserts); x loads 16 bytes at a time in k order, is permuted in registers into
+the pairs' order and converted into the B operand's layout. The next K step's words load while the current
+ones are unpacked, and K splits (a float32 workspace summed in a fixed order) keep about two programs per SM
+on narrow shapes such as `down`.
 """
 
 from __future__ import annotations
