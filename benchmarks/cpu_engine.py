@@ -5,7 +5,12 @@ Measures on the default model (SmolLM2-135M-Instruct), for each --dtypes entry, 
   * 16-request batch throughput (output tok/s over the whole run, prefill included)
 HF runs the same prompts: one at a time for single-stream, and one padded batch of 16 for throughput.
 
-    python benchmarks/cpu_engine.py [--dtypes float32,bfloat16] [--new-tokens 128] [--threads 2] [--json out.json]
+    python benchmarks/cpu_engine.py [--dtypes float32,bfloat16] [--quantization none,gguf] [--new-tokens 128]
+                                    [--threads 2] [--json out.json]
+
+--quantization runs our engine once per variant (gguf: the file's Q4_1 blocks kept packed; in bfloat16 small
+batches then run PyTorch's packed int4 kernel, see services/engine/quant/cpu_kernels.py) against the same HF
+run of that dtype.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="single-stream runs per side; the best is kept")
+    parser.add_argument("--quantization", default="none", help="comma-separated EngineConfig.quantization variants of ours")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,44 +112,49 @@ def main() -> None:
     prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.batch)]
     rows = []
     for dtype in args.dtypes.split(","):
-        engine = create_engine(None, EngineConfig(device="cpu", dtype=dtype, num_blocks=1024, max_num_seqs=64))
-        engine.warmup()
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).eval()
         hf_single(hf, prompts[0], 8)  # warm-up
-        # Interleave the two sides so background load hits both alike; keep each side's best run.
-        ours_runs, hf_runs = [], []
-        for _ in range(args.repeats):
-            ours_runs.append(ours_single(engine, prompts[0], args.new_tokens))
-            hf_runs.append(hf_single(hf, prompts[0], args.new_tokens))
-        (ours_s, ours_ttft), (hf_s, hf_ttft) = max(ours_runs), max(hf_runs)
-        ours_b = max(ours_batch(engine, prompts, args.new_tokens) for _ in range(args.repeats))
-        hf_b = max(hf_batch(hf, tok, prompts, args.new_tokens) for _ in range(args.repeats))
-        rows.append({
-            "dtype": dtype,
-            "single_stream_decode_tok_s": {"stageserve": ours_s, "hf": hf_s, "ratio": ours_s / hf_s},
-            "ttft_s": {"stageserve": ours_ttft, "hf": hf_ttft},
-            "batch_throughput_tok_s": {"stageserve": ours_b, "hf": hf_b, "ratio": ours_b / hf_b},
-            "batch_over_single": ours_b / ours_s,
-        })
-        del engine, hf
+        for quantization in args.quantization.split(","):
+            config = EngineConfig(device="cpu", dtype=dtype, num_blocks=1024, max_num_seqs=64, quantization=quantization)
+            engine = create_engine(None, config)
+            engine.warmup()
+            # Interleave the two sides so background load hits both alike; keep each side's best run.
+            ours_runs, hf_runs = [], []
+            for _ in range(args.repeats):
+                ours_runs.append(ours_single(engine, prompts[0], args.new_tokens))
+                hf_runs.append(hf_single(hf, prompts[0], args.new_tokens))
+            (ours_s, ours_ttft), (hf_s, hf_ttft) = max(ours_runs), max(hf_runs)
+            ours_b = max(ours_batch(engine, prompts, args.new_tokens) for _ in range(args.repeats))
+            hf_b = max(hf_batch(hf, tok, prompts, args.new_tokens) for _ in range(args.repeats))
+            rows.append({
+                "dtype": dtype,
+                "quantization": quantization,
+                "single_stream_decode_tok_s": {"stageserve": ours_s, "hf": hf_s, "ratio": ours_s / hf_s},
+                "ttft_s": {"stageserve": ours_ttft, "hf": hf_ttft},
+                "batch_throughput_tok_s": {"stageserve": ours_b, "hf": hf_b, "ratio": ours_b / hf_b},
+                "batch_over_single": ours_b / ours_s,
+            })  # fmt: skip
+            del engine
+        del hf
 
     result = {
         "benchmark": "cpu_engine",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized at load)",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1; dequantized at load under quantization none)",
         "new_tokens": args.new_tokens,
         "batch": args.batch,
         "results": rows,
         "targets": {"single_vs_hf": 1.5, "batch_over_single": 4.0},
     }
-    print(f"{'dtype':9} {'metric':30} {'stageserve':>11} {'HF':>11} {'ratio':>7}")
+    print(f"{'dtype / ours':18} {'metric':30} {'stageserve':>11} {'HF':>11} {'ratio':>7}")
     for r in rows:
         s, t, b = r["single_stream_decode_tok_s"], r["ttft_s"], r["batch_throughput_tok_s"]
-        print(f"{r['dtype']:9} {'single-stream decode tok/s':30} {s['stageserve']:11.1f} {s['hf']:11.1f} {s['ratio']:7.2f}")
-        print(f"{r['dtype']:9} {'TTFT s':30} {t['stageserve']:11.3f} {t['hf']:11.3f}")
-        print(f"{r['dtype']:9} {f'batch-{args.batch} output tok/s':30} {b['stageserve']:11.1f} {b['hf']:11.1f} {b['ratio']:7.2f}")
-        print(f"{r['dtype']:9} {'batch / single-stream (ours)':30} {r['batch_over_single']:11.2f}")
+        name = f"{r['dtype']} / {r['quantization']}"
+        print(f"{name:18} {'single-stream decode tok/s':30} {s['stageserve']:11.1f} {s['hf']:11.1f} {s['ratio']:7.2f}")
+        print(f"{name:18} {'TTFT s':30} {t['stageserve']:11.3f} {t['hf']:11.3f}")
+        print(f"{name:18} {f'batch-{args.batch} output tok/s':30} {b['stageserve']:11.1f} {b['hf']:11.1f} {b['ratio']:7.2f}")
+        print(f"{name:18} {'batch / single-stream (ours)':30} {r['batch_over_single']:11.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -118,6 +118,12 @@ class EngineConfig:
     quant_fused_max_batch: int = field(
         default=64, metadata={"help": "largest batch run by the tiled fused kernel; above it dequantize + GEMM", "min": 0}
     )
+    quant_cpu_kernels: Literal["auto", "reference"] = field(
+        default="auto",
+        metadata={"help": "quantized layers on the CPU: auto (bfloat16 batches of up to quant_gemv_max_batch rows "
+                  "run PyTorch's packed int4/int8 kernels; the rest a dense matmul) or reference (float32 "
+                  "dequantize-then-matmul for every call)"},
+    )  # fmt: skip
     quant_dispatch: Literal["tune", "fixed"] = field(
         default="tune",
         metadata={"help": "tune: each quantized layer times its kernels once per batch bucket (CUDA) and keeps the "

@@ -396,9 +396,11 @@ class LLMEngine:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """One short request through every code path, so the first real request is not slow."""
+        """One short request through every code path, so the first real request is not slow. Its 16-token
+        prompt is longer than a quantized layer's small-batch limit, so the prefill path (on the CPU: the
+        dense copy of packed weights, made once) is ready too."""
         request_id = "__warmup__"
-        self.add_request(request_id, [0, 1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        self.add_request(request_id, list(range(16)), SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         while request_id in self.requests:
             self.step()
         self.runner.capture_graphs()

@@ -148,6 +148,42 @@ def test_quantized_layers_compute_with_their_dequantized_weight(method):
     assert (layer.dequantized_weight() - weight()).abs().max() < bound * weight().abs().max()
 
 
+@pytest.mark.parametrize(
+    ("method", "gguf_type", "packed_ok"),
+    [("int8", "q4_1", True), ("int4", "q4_1", True), ("gguf", "q4_0", True), ("gguf", "q4_1", True), ("gguf", "q8_0", False)],
+)
+def test_cpu_layers_take_packed_kernels_for_few_bf16_rows_and_agree_with_the_reference(method, gguf_type, packed_ok):
+    """On the CPU, bfloat16 batches of up to gemv_max_batch rows run PyTorch's packed int4/int8 kernels where
+    the format fits (Q8_0's grouped bytes do not); larger batches, float32 inputs and `reference` take the
+    dense matmul. Every path computes with the layer's dequantized weight."""
+    spec = QuantSpec(method=method, group_size=64, gguf_type=gguf_type, gemv_max_batch=4)
+    layer = make_linear(256, 48, False, spec)
+    layer.load(weight(), torch.device("cpu"))
+    deq = layer.dequantized_weight()
+    for rows, dtype, path in [(1, torch.bfloat16, "packed"), (4, torch.bfloat16, "packed"), (5, torch.bfloat16, "dense"),
+                              (1, torch.float32, "dense")]:  # fmt: skip
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        out = layer(x)
+        assert out.dtype == dtype and out.shape == (rows, 48)
+        assert layer._cpu.path(x) == (path if packed_ok else "dense")
+        ref = x.float() @ deq.t()
+        tol = 1e-6 if dtype == torch.float32 else 1.2e-2  # bfloat16: inputs, scales and outputs rounded
+        assert ((out.float() - ref).norm() / ref.norm()).item() < tol
+    reference = make_linear(256, 48, False, QuantSpec(method=method, group_size=64, gguf_type=gguf_type, cpu_kernels="reference"))
+    reference.load(weight(), torch.device("cpu"))
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    assert reference._cpu is None and reference(x).dtype == torch.bfloat16 and reference._cpu.path(x) == "dense"
+    torch.testing.assert_close(reference(x), (x.float() @ deq.t()).to(torch.bfloat16))
+
+
+def test_cpu_packed_kernels_need_rows_in_multiples_of_16():
+    from stageserve.engine.quant.cpu_kernels import packed_kernel
+
+    assert packed_kernel(quantize_int4(weight(48, 256), 64), torch.bfloat16) is not None
+    assert packed_kernel(quantize_int4(weight(40, 256), 64), torch.bfloat16) is None  # N = 40
+    assert packed_kernel(quantize_int4(weight(48, 256), 64), torch.float32) is None  # no fast float32 kernel
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["int8", "int4", "gguf"])
 def test_packed_linear_on_the_gpu_tunes_among_kernels_that_agree(method):

@@ -16,8 +16,9 @@ kernel with explicit layouts), the tiled fused kernel,
 and dequantize + cuBLAS. With `quant_dispatch="tune"` (the
 default) each layer times the candidates the first time it sees a batch bucket (next power of two of M)
 and keeps the fastest; "fixed" uses the thresholds gemv_max_batch / fused_max_batch.
-On the CPU the execution path is the reference (dequantize, then matmul in float32); the dequantized
-float32 weight is made once and kept, since re-dequantizing every step costs ~10x the matmul there.
+On the CPU (cpu_kernels.py) a few rows in bfloat16 take PyTorch's packed int4/int8 weight-only kernels
+(the weights stay packed: decode reads fewer bytes); everything else is a dense matmul with the weight
+dequantized once, in float32 the reference (`quant_cpu_kernels="reference"` keeps that for every call).
 
 For tensor parallelism, a layer's weight is a `PackedWeight` (or dense tensor) that shards by rows or
 group-aligned columns (`PackedWeight.narrow`), so a parallel linear can wrap `load_linear` with a shard.
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from stageserve.common.errors import ModelLoadError
+from stageserve.engine.quant.cpu_kernels import CpuPlan
 from stageserve.engine.quant.formats import (
     PackedWeight,
     cat_rows,
@@ -59,6 +61,7 @@ class QuantSpec:
     # timed once; not part of the spec's identity.
     choices: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     quantize_lm_head: bool = True
+    cpu_kernels: str = "auto"  # "auto" (PyTorch's packed kernels for small bf16 batches) or "reference"
 
     @classmethod
     def from_engine_config(cls, config) -> QuantSpec:
@@ -67,7 +70,7 @@ class QuantSpec:
             fp8_scaling=config.fp8_scaling, gguf_type=config.gguf_quant_type,
             gemv_max_batch=config.quant_gemv_max_batch, fused_max_batch=config.quant_fused_max_batch,
             dispatch=config.quant_dispatch,
-            quantize_lm_head=config.quantize_lm_head,
+            quantize_lm_head=config.quantize_lm_head, cpu_kernels=config.quant_cpu_kernels,
         )  # fmt: skip
 
 
@@ -115,7 +118,7 @@ class PackedLinear(QuantizedLinear):
         # AWQ: W was stored as W * s per input channel, so inputs are divided by s ([in] or None).
         self.input_scale: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None  # float weight kept until calibration (AWQ) quantizes it
-        self._cpu_weight: torch.Tensor | None = None  # off CUDA: the reference's dequantized weight, made once
+        self._cpu: CpuPlan | None = None  # off CUDA: packed kernels or a dense matmul (cpu_kernels.py)
         self._table: tuple | None = None  # (the packed weight, its kernels by name): built once per weight
 
     def quantize(self, weight: torch.Tensor) -> PackedWeight:
@@ -137,7 +140,7 @@ class PackedLinear(QuantizedLinear):
             self.packed = self.quantize(weight.to(device)).to(device)
 
     def set_packed(self, packed: PackedWeight, input_scale: torch.Tensor | None) -> None:
-        self.packed, self.input_scale, self.pending, self._cpu_weight = packed, input_scale, None, None
+        self.packed, self.input_scale, self.pending, self._cpu = packed, input_scale, None, None
 
     def weight_bytes(self) -> int:
         extra = 0 if self.input_scale is None else self.input_scale.numel() * self.input_scale.element_size()
@@ -155,10 +158,10 @@ class PackedLinear(QuantizedLinear):
         if self.input_scale is not None:
             x2 = x2 * self.input_scale
         p = self.packed
-        if x.device.type != "cuda":  # the reference: x @ dequantize(W)^T in float32
-            if self._cpu_weight is None:
-                self._cpu_weight = p.dequantize()
-            return self._finish((x2.float() @ self._cpu_weight.t()).to(x.dtype), shape)
+        if x.device.type != "cuda":
+            if self._cpu is None or self._cpu.packed is not p:
+                self._cpu = CpuPlan(p, self.spec.cpu_kernels, self.spec.gemv_max_batch)
+            return self._finish(self._cpu(x2), shape)
         x2 = x2.contiguous()
         return self._finish(self._kernels()[self._pick(x2)](x2), shape)
 
