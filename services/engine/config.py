@@ -113,8 +113,10 @@ class EngineConfig:
     )
     quantize_lm_head: bool = field(default=True, metadata={"help": "quantize an untied LM head too"})
     quant_gemv_max_batch: int = field(
-        default=4, metadata={"help": "largest batch run by the weight-streaming GEMV kernel (<= 8)", "min": 0, "max": 8}
-    )
+        default=4,
+        metadata={"help": "largest batch run by the weight-streaming kernels (<= 8): the GPU's GEMVs under fixed "
+                  "dispatch, PyTorch's packed kernels on the CPU", "min": 0, "max": 8},
+    )  # fmt: skip
     quant_fused_max_batch: int = field(
         default=64, metadata={"help": "largest batch run by the tiled fused kernel; above it dequantize + GEMM", "min": 0}
     )

@@ -267,12 +267,13 @@ def test_cli_takes_quantization_flags_from_engine_config():
 
     args = build_parser().parse_args(
         ["generate", "hi", "--local", "--quantization", "int4", "--quant-group-size", "64", "--quant-awq",
-         "--kv-cache-dtype", "fp8_e4m3", "--quant-dispatch", "fixed"]
+         "--kv-cache-dtype", "fp8_e4m3", "--quant-dispatch", "fixed", "--quant-cpu-kernels", "reference"]
     )  # fmt: skip
     config = engine_config_from_args(args)
     assert (config.quantization, config.quant_group_size, config.quant_awq) == ("int4", 64, True)
-    assert (config.kv_cache_dtype, config.quant_dispatch) == ("fp8_e4m3", "fixed")
+    assert (config.kv_cache_dtype, config.quant_dispatch, config.quant_cpu_kernels) == ("fp8_e4m3", "fixed", "reference")
     ev = build_parser().parse_args(["eval-quality", "--quantization", "int8", "fp8", "--max-tokens", "4"])
-    assert ev.quantization == ["int8", "fp8"] and ev.max_tokens == 4
+    assert ev.quantization == ["int8", "fp8"] and ev.max_tokens == 4 and not ev.one_at_a_time
+    assert build_parser().parse_args(["eval-quality", "--one-at-a-time"]).one_at_a_time
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval-quality", "--quantization", "int3"])

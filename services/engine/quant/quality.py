@@ -75,7 +75,8 @@ def _prefix_share(ours: list[int], ref: list[int]) -> float:
 
 
 def evaluate(
-    model: str | None, variants: list[str], base: EngineConfig, *, max_tokens: int = 32, window: int = 512, log=print
+    model: str | None, variants: list[str], base: EngineConfig, *, max_tokens: int = 32, window: int = 512, log=print,
+    one_at_a_time: bool = False,
 ) -> list[QualityResult]:
     """Run every variant (the baseline "none" first, always) and compare each with it."""
     from stageserve.engine.llm import LLM
@@ -98,7 +99,10 @@ def evaluate(
         tokens = llm.tokenizer.encode(_data("eval_corpus.txt"))
         runner = llm.engine.runner
         nll, argmax = corpus_scores(runner.model, tokens, window, runner.kv_dtype)
-        outs = [c.token_ids for c in llm.generate(prompts, greedy)]
+        if one_at_a_time:  # batch-1 decode: the path single-stream serving takes (small-batch kernels)
+            outs = [llm.generate([p], greedy)[0].token_ids for p in prompts]
+        else:
+            outs = [c.token_ids for c in llm.generate(prompts, greedy)]
         if ref is None:
             ref = (nll, argmax, outs)
         base_ppl = math.exp(ref[0])
@@ -137,10 +141,11 @@ def cmd_eval_quality(args) -> int:
     base = EngineConfig(dtype=args.dtype, device=args.device, num_blocks=max(64, args.num_blocks))
     log = lambda line: print(line, flush=True)  # noqa: E731
     log(TABLE_HEADER)
-    results = evaluate(args.model, args.quantization, base, max_tokens=args.max_tokens, window=args.window, log=log)
+    results = evaluate(args.model, args.quantization, base, max_tokens=args.max_tokens, window=args.window, log=log,
+                       one_at_a_time=args.one_at_a_time)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model or "default", "dtype": args.dtype, "device": args.device,
-                       "max_tokens": args.max_tokens, "window": args.window,
+                       "max_tokens": args.max_tokens, "window": args.window, "one_at_a_time": args.one_at_a_time,
                        "results": [asdict(r) for r in results]}, f, indent=2)  # fmt: skip
     return 0

@@ -30,4 +30,6 @@ def add_eval_quality_args(parser) -> None:
     parser.add_argument("--dtype", default="auto", help="engine dtype (auto: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-blocks", type=int, default=256, help="KV blocks of each engine")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="generate the greedy continuations one prompt at a time (batch-1 decode) instead of together")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
