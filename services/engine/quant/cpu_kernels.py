@@ -63,7 +63,7 @@ class CpuPlan:
 
     def path(self, x: torch.Tensor) -> str:
         """'packed' or 'dense' for this input."""
-        if self.mode != "auto" or x.shape[0] > self.max_rows:
+        if self.mode != "auto" or not 0 < x.shape[0] <= self.max_rows:
             return "dense"
         if x.dtype not in self._kernels:
             self._kernels[x.dtype] = packed_kernel(self.packed, x.dtype)
