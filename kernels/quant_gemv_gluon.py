@@ -120,7 +120,7 @@ def _quant_gemv_gluon_kernel(
     xp4 = xp[None, None, None, :]
     x_rows = gl.minimum(m0 + xm, M - 1).to(gl.int64)  # rows past M redo M - 1 (not stored)
     x_off = (x_rows[:, None, None, None] * stride_xm + xc[None, :, None, None] * CHUNK
-             + xv[None, None, :, None] * PER + xp[None, None, None, :])  # fmt: skip
+             + xv[None, None, :, None] * PER + xp4)  # fmt: skip
     # scales [N, C]
     sn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, SL))
     sc = gl.arange(0, BLOCK_C, layout=gl.SliceLayout(0, SL))
