@@ -58,7 +58,7 @@ def compile_gluon_mm(group: int, block_mb: int, config):
 
     from stageserve.kernels import quant_mm_gluon as qmg
 
-    constexprs = {"GROUP": group, "BLOCK_N": config.block_n, "BLOCK_MB": block_mb, "BLOCK_K": min(group, qmg.BLOCK_K_MAX)}
+    constexprs = {"GROUP": group, "BLOCK_N": config.block_n, "BLOCK_MB": block_mb, "BLOCK_K": qmg.step_k(group)}
     signature = SIGNATURE | {"steps_per_split": "i32", "stride_split": "i32"} | {name: "constexpr" for name in constexprs}
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9)}  # pointers, K, row strides
     src = GluonASTSource(fn=qmg._quant_mm_gluon_kernel, signature=signature, constexprs=constexprs, attrs=aligned)

@@ -112,10 +112,10 @@ def variants(p, batch: int) -> dict:
     if batch <= qm.GEMV_MAX_M:
         out["gemv"] = lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits)
         out["gemv_k"] = lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits, k_order=True)
-        if ON_GPU and qm.gluon_supports(torch.empty(0, device=DEVICE), p.qweight, p.scales, p.bits):
+        if qm.gluon_supports(p.qweight, p.scales, p.bits):
             out["gluon"] = lambda x: qm.quant_gemv_gluon(x, p.qweight, p.scales, p.offsets, p.bits)
     out["mm"] = lambda x: qm.quant_mm(x, p.qweight, p.scales, p.offsets, p.bits)
-    if ON_GPU and qm.mm_gluon_supports(torch.empty(0, device=DEVICE), p.qweight, p.scales, p.offsets, p.bits):
+    if qm.mm_gluon_supports(p.qweight, p.scales, p.offsets, p.bits):
         out["mm_gluon"] = lambda x: qm.quant_mm_gluon(x, p.qweight, p.scales, p.offsets, p.bits)
     out["dq+gemm"] = lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t()
     return out
@@ -221,12 +221,12 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
                     if m <= qm.GEMV_MAX_M:
                         for c in GEMV_CONFIGS:
                             runs["gemv_" + "_".join(f"{int(v)}" for v in c.values())] = lambda c=c: _gemv(x, args, c)
-                        if ON_GPU and qm.gluon_supports(x, p.qweight, p.scales, p.bits):
+                        if qm.gluon_supports(p.qweight, p.scales, p.bits):
                             from stageserve.kernels.quant_gemv_gluon import CONFIGS
 
                             for c in CONFIGS:
                                 runs[c.label()] = lambda c=c: qm.quant_gemv_gluon(x, *args, config=c)
-                    if m >= 2 and qm.mm_gluon_supports(x, p.qweight, p.scales, p.offsets, p.bits):
+                    if m >= 2 and qm.mm_gluon_supports(p.qweight, p.scales, p.offsets, p.bits):
                         from stageserve.kernels.quant_mm_gluon import CONFIGS as TC_CONFIGS
 
                         for c in TC_CONFIGS:

@@ -81,6 +81,11 @@ def check_launch_device(device: torch.device) -> None:
     assert device.type == "cuda" or interpreting(), f"Triton kernels need a CUDA tensor (got {device}); set TRITON_INTERPRET=1 for CPU"
 
 
+def gluon_capable(device: torch.device) -> bool:
+    """Gluon kernels need a CUDA device (they have no interpreter) of compute capability 8.0 or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of `device`; a nominal 132 (H100 SXM) under the interpreter."""
     if device.type == "cuda":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -198,8 +197,3 @@ def launch(x, words, scales, offsets, out, *, m, n, k, group, per_channel, bits,
         EVEN_C=(k // (VEC_WORDS * 32 // bits)) % config.chunks_per_step == 0,
         num_warps=config.num_warps,
     )  # fmt: skip
-
-
-def available(device: torch.device) -> bool:
-    """Gluon kernels need a CUDA device (no interpreter) of compute capability 8.0 or newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8

@@ -33,6 +33,7 @@ from stageserve.kernels._common import (
     check_launch_device,
     check_tensor,
     dot_flags,
+    gluon_capable,
     gemv_block_n,
     interpreting,
     mma,
@@ -339,23 +340,33 @@ def quant_gemv_gluon(
 
     m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
     assert 1 <= m <= GEMV_MAX_M, f"quant_gemv_gluon takes 1..{GEMV_MAX_M} rows, got {m}; use quant_mm"
-    assert qg.available(x.device), "quant_gemv_gluon needs a CUDA device of compute capability >= 8.0"
-    assert qg.supports(k, tile, per_channel, bits), f"K={k}, group {tile}: not a whole number of {qg.VEC}-word chunks per group"
+    assert gluon_capable(x.device), "quant_gemv_gluon needs a CUDA device of compute capability >= 8.0"
+    assert qg.supports(k, tile, per_channel, bits), f"K={k}, group {tile}: not a whole number of {qg.VEC_WORDS}-word chunks per group"
     qg.launch(x, _words(qweight), scales, offsets, out, m=m, n=n, k=k, group=tile, per_channel=per_channel, bits=bits,
               config=config or qg.CONFIGS[0])  # fmt: skip
     return out
 
 
-def gluon_supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> bool:
-    """Whether quant_gemv_gluon can run this weight on x's device (and this Triton has Gluon: 3.4 on)."""
+def _gluon_fit(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[int, int, bool] | None:
+    """(K, group as the kernels take it, per_channel) of a weight the Gluon kernels could run where it lies:
+    on a Gluon-capable device, with K a multiple of 32 split into whole groups; else None."""
+    if not gluon_capable(qweight.device):
+        return None
+    k = qweight.shape[1] * (8 // bits)
+    if k % 32 or k % scales.shape[1]:
+        return None
+    per_channel = scales.shape[1] == 1
+    return k, _k_tile(k, k // scales.shape[1], per_channel), per_channel
+
+
+def gluon_supports(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> bool:
+    """Whether quant_gemv_gluon can run this weight on its device (and this Triton has Gluon: 3.4 on)."""
     try:
         from stageserve.kernels import quant_gemv_gluon as qg
     except ImportError:
         return False
-    k = qweight.shape[1] * (8 // bits)
-    per_channel = scales.shape[1] == 1
-    group = _k_tile(k, k // scales.shape[1], per_channel) if k % scales.shape[1] == 0 and k % 32 == 0 else 0
-    return qg.available(x.device) and group > 0 and qg.supports(k, group, per_channel, bits)
+    fit = _gluon_fit(qweight, scales, bits)
+    return fit is not None and qg.supports(*fit, bits)
 
 
 def quant_mm_gluon(
@@ -375,23 +386,21 @@ def quant_mm_gluon(
     m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
     if m == 0:
         return out
-    assert x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8, "quant_mm_gluon needs sm_80+"
+    assert gluon_capable(x.device), "quant_mm_gluon needs a CUDA device of compute capability >= 8.0"
     assert offsets is not None and qmg.supports(k, tile, per_channel, bits), f"quant_mm_gluon: {bits}-bit, group {tile}, K={k} does not fit"
     qmg.launch(x, _words(qweight), scales, offsets, out, m=m, n=n, k=k, group=tile, config=config or qmg.CONFIGS[0],
                sms=num_sms(x.device))
     return out
 
 
-def mm_gluon_supports(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets, bits: int) -> bool:
-    """Whether quant_mm_gluon can run this weight on x's device (and this Triton has Gluon: 3.4 on)."""
+def mm_gluon_supports(qweight: torch.Tensor, scales: torch.Tensor, offsets, bits: int) -> bool:
+    """Whether quant_mm_gluon can run this weight on its device (and this Triton has Gluon: 3.4 on)."""
     try:
         from stageserve.kernels import quant_mm_gluon as qmg
     except ImportError:
         return False
-    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 8 or offsets is None or bits != 4:
-        return False
-    k = qweight.shape[1] * 2
-    return k % scales.shape[1] == 0 and qmg.supports(k, k // scales.shape[1], scales.shape[1] == 1, bits)
+    fit = _gluon_fit(qweight, scales, bits)
+    return fit is not None and offsets is not None and qmg.supports(*fit, bits)
 
 
 def _block_w(num_words: int, choices) -> int:

@@ -113,9 +113,14 @@ def _quant_mm_gluon_kernel(
     gl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=(om < M)[None, :] & (sn < N)[:, None])
 
 
+def step_k(group: int) -> int:
+    """Codes per K step: one group, or 128 codes inside a larger one."""
+    return min(group, BLOCK_K_MAX)
+
+
 def supports(k: int, group: int, per_channel: bool, bits: int) -> bool:
     """4-bit codes with offsets, K steps of whole groups (group 32..128, or 128 codes inside a larger group)."""
-    block_k = min(group, BLOCK_K_MAX)
+    block_k = step_k(group)
     return bits == 4 and not per_channel and group % 32 == 0 and group % block_k == 0 and k % block_k == 0
 
 
@@ -135,7 +140,7 @@ def launch(x, words, scales, offsets, out, *, m, n, k, group, config: GluonMmaCo
     """Launch on prepared tensors (quant_matmul.quant_mm_gluon checks them). With K split, the programs write
     float32 partial sums to a workspace that one sum reduces (in a fixed order: deterministic)."""
     mb = block_mb(m, config)
-    block_k = min(group, BLOCK_K_MAX)
+    block_k = step_k(group)
     grid_nm = (triton.cdiv(n, config.block_n), triton.cdiv(m, mb))
     steps = k // block_k
     splits = split_k(grid_nm[0] * grid_nm[1], steps, sms) if config.split_k is None else config.split_k

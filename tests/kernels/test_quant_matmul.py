@@ -121,7 +121,7 @@ def test_gluon_gemv_fits():
     assert not supports(48, 48, True, 4)  # K not a multiple of a 32-nibble chunk
     assert not supports(80, 40, False, 8)  # a 16-byte chunk would straddle two 40-code groups
     qweight, scales, _, bits = make_weight("int4_g128", 8, 256, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert not gluon_supports(torch.empty(0), qweight, scales, bits)
+    assert not gluon_supports(qweight, scales, bits)  # a CPU weight
 
 
 @pytest.mark.gpu
@@ -136,7 +136,7 @@ def test_quant_gemv_gluon(device, gen, fmt, m, nk, dtype):
 
     n, k = nk
     qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
-    if not gluon_supports(torch.empty(0, device=device), qweight, scales, bits):
+    if not gluon_supports(qweight, scales, bits):
         pytest.skip(f"{fmt} K={k}: not a whole number of chunks per group")
     x = torch.randn(m, k, generator=gen, device=device).to(dtype)
     ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
@@ -156,7 +156,7 @@ def test_quant_mm_gluon(device, gen, fmt, m, nk):
 
     n, k = nk
     qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
-    if not mm_gluon_supports(torch.empty(0, device=device), qweight, scales, offsets, bits):
+    if not mm_gluon_supports(qweight, scales, offsets, bits):
         pytest.skip(f"{fmt} K={k}: no whole groups per K step")
     x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
     ref = quant_matmul_ref(x, qweight, scales, offsets, bits)

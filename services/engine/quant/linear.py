@@ -119,7 +119,7 @@ class PackedLinear(QuantizedLinear):
         self.input_scale: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None  # float weight kept until calibration (AWQ) quantizes it
         self._cpu: CpuPlan | None = None  # off CUDA: packed kernels or a dense matmul (cpu_kernels.py)
-        self._table: tuple | None = None  # (the packed weight, its kernels by name): built once per weight
+        self._table: tuple | None = None  # (the packed weight, its kernels by name, the fixed rule's GEMV): once per weight
 
     def quantize(self, weight: torch.Tensor) -> PackedWeight:
         method = self.spec.method
@@ -166,10 +166,14 @@ class PackedLinear(QuantizedLinear):
         return self._finish(self._kernels()[self._pick(x2)](x2), shape)
 
     def _kernels(self) -> dict:
-        """The kernels that can run this weight, by name; built once per weight (prefill runs eagerly, and
-        every projection call asks)."""
+        """The kernels that can run this weight, by name (prefill runs eagerly, and every projection call asks)."""
+        return self._kernel_table()[1]
+
+    def _kernel_table(self) -> tuple:
+        """(the packed weight, its kernels by name, the GEMV the fixed rule runs: the Gluon kernel's first
+        configuration where it runs), built once per weight."""
         if self._table is not None and self._table[0] is self.packed:
-            return self._table[1]
+            return self._table
         from stageserve.kernels import quant_matmul as qm
 
         p = self.packed
@@ -180,25 +184,24 @@ class PackedLinear(QuantizedLinear):
             # compute-bound: one dequantize pass, then the tensor-core GEMM
             "dequant": lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t(),
         }
-        if qm.gluon_supports(p.qweight, p.qweight, p.scales, p.bits):
+        if qm.gluon_supports(p.qweight, p.scales, p.bits):
             from stageserve.kernels.quant_gemv_gluon import CONFIGS, TUNED
 
             for c in CONFIGS[:TUNED]:
                 kernels[f"gemv_{c.label()}"] = lambda x, c=c: qm.quant_gemv_gluon(x, p.qweight, p.scales, p.offsets, p.bits, config=c)
-        if qm.mm_gluon_supports(p.qweight, p.qweight, p.scales, p.offsets, p.bits):
+        if qm.mm_gluon_supports(p.qweight, p.scales, p.offsets, p.bits):
             from stageserve.kernels.quant_mm_gluon import CONFIGS as MM_CONFIGS
 
             for c in MM_CONFIGS:
                 kernels[f"mm_gluon_{c.label()}"] = lambda x, c=c: qm.quant_mm_gluon(x, p.qweight, p.scales, p.offsets, p.bits, config=c)
-        self._table = (p, kernels)
-        return kernels
+        self._table = (p, kernels, next((k for k in kernels if k.startswith("gemv_gluon")), "gemv"))
+        return self._table
 
     def _pick(self, x: torch.Tensor) -> str:
         from stageserve.kernels.quant_matmul import GEMV_MAX_M
 
         m, spec, p = x.shape[0], self.spec, self.packed
-        gemv = next((k for k in self._kernels() if k.startswith("gemv_gluon")), "gemv")  # Gluon's first config where it runs
-        fixed = gemv if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else ("mm" if m <= spec.fused_max_batch else "dequant")
+        fixed = self._kernel_table()[2] if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else ("mm" if m <= spec.fused_max_batch else "dequant")
         key = (*p.shape, p.bits, p.group_size, _bucket(m))
         return _choose(spec, key, fixed, lambda: {k: f for k, f in self._kernels().items() if not k.startswith("gemv") or m <= GEMV_MAX_M}, x)
 
