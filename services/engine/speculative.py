@@ -22,8 +22,8 @@ sum_i E_i / (T(B, k + 1) + D) are compared with a plain step's B / T(B, 1); T is
 (`StepCostModel`) and D is the measured draft round trip of warm rounds: right after the previous step's
 round and sending only new tokens (a round that resends a whole history, as every sequence's first does,
 or that wakes an idle channel, is not what a speculating step costs); until one is measured D counts as
-0. The best k wins; k = 0 means no speculation (no draft call at all). Each sequence brings at most the drafts its acceptance makes useful (it pads
-anyway). When nobody speculates, the batch probes with k = 1 after `probe_interval` steps so the
+0. The best k wins; k = 0 means no speculation (no draft call at all). Each sequence brings at most the
+drafts its acceptance makes useful (it pads anyway). When nobody speculates, the batch probes with k = 1 after `probe_interval` steps so the
 estimates can recover, and waits twice as long after each probe that finds nothing (up to 16x), so a
 hopeless draft costs next to nothing; no probes at all where even an always-right draft could not pay.
 Above `max_batch_size` running sequences, decode is no longer memory-bound and nobody speculates.

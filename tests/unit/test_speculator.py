@@ -282,20 +282,24 @@ def test_an_unchanged_batch_keeps_a_no_for_a_few_steps_and_a_changed_one_recompu
     assert decided == [1, 1, 2, 2]  # as large, but other sequences (a new request has its own prospects)
 
 
+def timed_draft(durations: list[float], proposal: list[int]):
+    """(a Recorder draft whose every round advances the clock by the next duration, that clock)."""
+    now, left = [0.0], iter(durations)
+
+    class Timed(Recorder):
+        def propose(self, calls):
+            now[0] += next(left)
+            return super().propose(calls)
+
+    return Timed(proposal), lambda: now[0]
+
+
 def test_only_warm_rounds_set_the_draft_cost():
     """A sequence's first draft call carries its prompt, and a call after idle steps wakes the channel:
     both take longer than a speculating step's call, and timed, they priced speculation out after one
     call on an H200 (2026-12-04). Only rounds right after the previous step's, without resets, count."""
-    now = [0.0]
-    durations = iter([0.010, 0.0005, 0.0005] + [0.0005] * 50)  # the reset round, then ordinary rounds
-
-    class Timed(Recorder):
-        def propose(self, calls):
-            now[0] += next(durations)
-            return super().propose(calls)
-
-    draft = Timed([1, 2, 3, 4])
-    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, clock=lambda: now[0])
+    draft, clock = timed_draft([0.010, 0.0005, 0.0005] + [0.0005] * 50, [1, 2, 3, 4])  # the reset round, then ordinary ones
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4), draft, clock=clock)
     spec.observe_step(1, 1, 0.0015)
     for q in range(2, 6):
         spec.observe_step(1, q, 0.0016)
@@ -312,17 +316,8 @@ def test_only_warm_rounds_set_the_draft_cost():
 
 
 def test_a_call_after_idle_steps_does_not_set_the_draft_cost():
-    now = [0.0]
-
-    durations = iter([0.010, 0.003, 0.0005])  # the reset round, a cold one, a warm one
-
-    class Slow(Recorder):
-        def propose(self, calls):
-            now[0] += next(durations)
-            return super().propose(calls)
-
-    draft = Slow([1, 2, 3, 4])
-    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, adaptive=False), draft, clock=lambda: now[0])
+    draft, clock = timed_draft([0.010, 0.003, 0.0005], [1, 2, 3, 4])  # the reset round, a cold one, a warm one
+    spec = Speculator(SpeculativeConfig(num_speculative_tokens=4, adaptive=False), draft, clock=clock)
     r = decoding("a")
     spec.plan([r], 1000)  # reset: not timed
     spec.plans += 5  # five steps without a call
@@ -330,4 +325,3 @@ def test_a_call_after_idle_steps_does_not_set_the_draft_cost():
     assert spec.draft_time is None
     spec.plan([r], 1000)  # warm
     assert spec.draft_time == pytest.approx(0.0005)
-
