@@ -112,6 +112,13 @@ class EngineConfig:
         default="q4_1", metadata={"help": "gguf: block type for weights that arrive as floats (dummy/HF models)"}
     )
     quantize_lm_head: bool = field(default=True, metadata={"help": "quantize an untied LM head too"})
+    tied_lm_head: Literal["auto", "embedding", "int8"] = field(
+        default="auto",
+        metadata={"help": "logits of a tied LM head under int8/int4/gguf: embedding (from the embedding, in the model "
+                  "dtype) or int8 (a per-channel INT8 copy: decode reads half the head's bytes; the embedding "
+                  "stays for lookups, so memory grows by vocab x hidden bytes). auto: int8 on the CPU in "
+                  "bfloat16/float16, where it was measured faster, embedding elsewhere"},
+    )  # fmt: skip
     quant_gemv_max_batch: int = field(
         default=4,
         metadata={"help": "largest batch run by the weight-streaming kernels (<= 8): the GPU's GEMVs under fixed "

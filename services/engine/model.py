@@ -9,6 +9,7 @@ matmul each at load time.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections.abc import Callable
 
 import torch
@@ -165,10 +166,15 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, backend, ops, quant) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # A tied head shares the (float) embedding; an untied one is a projection like the others.
-        head_quant = quant if quant is not None and quant.quantize_lm_head and not config.tie_word_embeddings else None
+        # An untied head is a projection like the others. A tied one shares the (float) embedding, or with
+        # `tied_head_int8` computes logits from a per-channel INT8 copy of it (the embedding stays for lookups).
+        self.head_copies_embedding = config.tie_word_embeddings and quant is not None and quant.tied_head_int8
+        if self.head_copies_embedding:
+            head_quant = replace(quant, method="int8", awq=False)
+        else:
+            head_quant = quant if quant is not None and quant.quantize_lm_head and not config.tie_word_embeddings else None
         self.lm_head = make_linear(config.hidden_size, config.vocab_size, False, head_quant)
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and not self.head_copies_embedding:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
@@ -215,7 +221,9 @@ class LlamaModel(nn.Module):
 
         put(self.embed_tokens.weight, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
         put(self.norm.weight, take("model.norm.weight"), "model.norm.weight")
-        if cfg.tie_word_embeddings:  # re-tie: moving off the meta device unties shared parameters
+        if self.head_copies_embedding:
+            load_linear(self.lm_head, self.embed_tokens.weight, "lm_head (INT8 copy of the tied embedding)", device)
+        elif cfg.tie_word_embeddings:  # re-tie: moving off the meta device unties shared parameters
             self.lm_head.weight = self.embed_tokens.weight
         else:
             load_linear(self.lm_head, take("lm_head.weight"), "lm_head.weight", device)

@@ -58,7 +58,7 @@ class ModelRunner:
             backend = TorchAttention()
         backend, ops = backend_and_ops(engine_config.attention_backend, device) if backend is None else (backend, TorchOps)
         self.backend_name = ops.name
-        quant = QuantSpec.from_engine_config(engine_config)
+        quant = QuantSpec.from_engine_config(engine_config, device, dtype)
         with torch.device("meta"):  # skip random init: every weight is overwritten below
             model = LlamaModel(model_config, backend, freq_factors=freq_factors, ops=ops, quant=quant)
         model = model.to_empty(device=device).to(dtype)

@@ -262,6 +262,48 @@ def test_engine_on_kept_gguf_blocks_generates_like_the_dequantized_model(tiny_gg
     assert greedy(packed, quantization="gguf") == greedy(dense)
 
 
+@pytest.mark.parametrize(
+    "device, dtype, setting, method, expected",
+    [
+        ("cpu", torch.bfloat16, "auto", "gguf", True),
+        ("cpu", torch.float16, "auto", "int4", True),
+        ("cpu", torch.float32, "auto", "int8", False),  # float32 on the CPU has no packed kernel to gain from
+        ("cuda", torch.bfloat16, "auto", "gguf", False),  # not measured on a GPU yet
+        ("cuda", torch.bfloat16, "int8", "gguf", True),
+        ("cpu", torch.bfloat16, "embedding", "gguf", False),
+        ("cpu", torch.bfloat16, "int8", "fp8", False),  # only the packed methods
+        ("cpu", torch.bfloat16, "int8", "none", False),
+    ],
+)  # fmt: skip
+def test_tied_head_setting_resolves_per_device_and_dtype(device, dtype, setting, method, expected):
+    config = EngineConfig(quantization=method, tied_lm_head=setting)
+    assert QuantSpec.from_engine_config(config, torch.device(device), dtype).tied_head_int8 is expected
+    off = EngineConfig(quantization=method, tied_lm_head=setting, quantize_lm_head=False)
+    assert not QuantSpec.from_engine_config(off, torch.device(device), dtype).tied_head_int8
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_tied_head_int8_copy_keeps_the_embedding_for_lookups(dtype):
+    loaded = load_model("dummy:tiny")
+    embedding_head = LLMEngine(loaded, EngineConfig(num_blocks=32, dtype=dtype, quantization="int8", tied_lm_head="embedding"))
+    int8_head = LLMEngine(loaded, EngineConfig(num_blocks=32, dtype=dtype, quantization="int8", tied_lm_head="int8"))
+    tied, copied = embedding_head.runner.model, int8_head.runner.model
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert isinstance(copied.lm_head, PackedLinear) and copied.lm_head.packed.fmt == "int8"
+    assert copied.lm_head.packed.scales.shape[1] == 1  # per channel: PyTorch's packed CPU kernel takes it
+    torch.testing.assert_close(copied.embed_tokens.weight, tied.embed_tokens.weight, rtol=0, atol=0)
+    # The copy is the embedding to within half an INT8 step per row.
+    embedding = copied.embed_tokens.weight.float()
+    step = embedding.abs().amax(dim=1, keepdim=True) / 127
+    assert ((copied.lm_head.dequantized_weight() - embedding).abs() <= step / 2 + 1e-3 * step).all()
+    # Logits through the copy, at one row (packed kernel in bfloat16) and many (dense), match the tied head.
+    for rows in (1, 9):
+        hidden = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(copied.embed_tokens.weight.dtype)
+        ours, ref = copied.compute_logits(hidden), tied.compute_logits(hidden)
+        assert (ours - ref).abs().max() <= 0.02 * ref.abs().max()
+        assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+
+
 def test_cli_takes_quantization_flags_from_engine_config():
     from stageserve.cli import build_parser, engine_config_from_args
 

@@ -43,6 +43,7 @@ from stageserve.engine.quant.formats import (
 )
 
 METHODS = ("none", "int8", "int4", "fp8", "gguf")
+PACKED_METHODS = ("int8", "int4", "gguf")  # the PackedLinear ones
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,22 @@ class QuantSpec:
     # timed once; not part of the spec's identity.
     choices: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     quantize_lm_head: bool = True
+    tied_head_int8: bool = False  # a tied head (under a packed method) computes logits from an INT8 copy
     cpu_kernels: str = "auto"  # "auto" (PyTorch's packed kernels for small bf16 batches) or "reference"
 
     @classmethod
-    def from_engine_config(cls, config) -> QuantSpec:
+    def from_engine_config(cls, config, device: torch.device, dtype: torch.dtype) -> QuantSpec:
+        """The spec for `config` on `device` in `dtype` (which resolve `tied_lm_head="auto"`)."""
+        tied = config.tied_lm_head
+        if tied == "auto":
+            tied = "int8" if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else "embedding"
         return cls(
             method=config.quantization, group_size=config.quant_group_size, awq=config.quant_awq,
             fp8_scaling=config.fp8_scaling, gguf_type=config.gguf_quant_type,
             gemv_max_batch=config.quant_gemv_max_batch, fused_max_batch=config.quant_fused_max_batch,
             dispatch=config.quant_dispatch,
             quantize_lm_head=config.quantize_lm_head, cpu_kernels=config.quant_cpu_kernels,
+            tied_head_int8=config.quantize_lm_head and tied == "int8" and config.quantization in PACKED_METHODS,
         )  # fmt: skip
 
 
@@ -298,7 +305,7 @@ def make_linear(in_features: int, out_features: int, bias: bool, spec: QuantSpec
         return nn.Linear(in_features, out_features, bias=bias)
     if method == "fp8":
         return Fp8Linear(in_features, out_features, bias, spec)
-    if method in ("int8", "int4", "gguf"):
+    if method in PACKED_METHODS:
         return PackedLinear(in_features, out_features, bias, spec)
     raise ValueError(f"unknown quantization {method!r} (known: {', '.join(METHODS)})")
 
