@@ -3,14 +3,16 @@
 Measures on the default model (SmolLM2-135M-Instruct), for each --dtypes entry, both sides in that dtype:
   * single-stream decode tok/s (one request, decode phase only: tokens after the first / time after the first)
   * 16-request batch throughput (output tok/s over the whole run, prefill included)
-HF runs the same prompts: one at a time for single-stream, and one padded batch of 16 for throughput.
+HF runs the same prompts: one at a time for single-stream, and one padded batch of 16 for throughput. The
+variants (and each one's paired HF run) go round robin, --repeats times, each side keeping its best run.
 
     python benchmarks/cpu_engine.py [--dtypes float32,bfloat16] [--quantization none,gguf] [--new-tokens 128]
-                                    [--threads 2] [--json out.json]
+                                    [--tied-heads auto,embedding] [--threads 2] [--json out.json]
 
 --quantization runs our engine once per variant (gguf: the file's Q4_1 blocks kept packed; in bfloat16 small
 batches then run PyTorch's packed int4 kernel, see services/engine/quant/cpu_kernels.py) against the same HF
-run of that dtype.
+run of that dtype. --tied-heads runs each quantized variant once per `tied_lm_head` setting (the default
+model's head is tied: int8 computes the logits from a per-channel INT8 copy of the embedding).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="single-stream runs per side; the best is kept")
     parser.add_argument("--quantization", default="none", help="comma-separated EngineConfig.quantization variants of ours")
+    parser.add_argument("--tied-heads", default="auto", help="comma-separated EngineConfig.tied_lm_head settings")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,27 +117,41 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).eval()
         hf_single(hf, prompts[0], 8)  # warm-up
-        for quantization in args.quantization.split(","):
-            config = EngineConfig(device="cpu", dtype=dtype, num_blocks=1024, max_num_seqs=64, quantization=quantization)
-            engine = create_engine(None, config)
-            engine.warmup()
-            # Interleave the two sides so background load hits both alike; keep each side's best run.
-            ours_runs, hf_runs = [], []
-            for _ in range(args.repeats):
-                ours_runs.append(ours_single(engine, prompts[0], args.new_tokens))
-                hf_runs.append(hf_single(hf, prompts[0], args.new_tokens))
-            (ours_s, ours_ttft), (hf_s, hf_ttft) = max(ours_runs), max(hf_runs)
-            ours_b = max(ours_batch(engine, prompts, args.new_tokens) for _ in range(args.repeats))
-            hf_b = max(hf_batch(hf, tok, prompts, args.new_tokens) for _ in range(args.repeats))
+        variants = [
+            (q, head) for q in args.quantization.split(",") for head in args.tied_heads.split(",")
+            if q != "none" or head == args.tied_heads.split(",")[0]  # the head setting only applies when quantized
+        ]  # fmt: skip
+        engines = {}
+        for quantization, head in variants:
+            config = EngineConfig(
+                device="cpu", dtype=dtype, num_blocks=1024, max_num_seqs=64, quantization=quantization, tied_lm_head=head
+            )
+            engines[quantization, head] = create_engine(None, config)
+            engines[quantization, head].warmup()
+        # Round robin over the variants, each paired with an HF run, so the VM's drifting background load hits
+        # every side alike; each side keeps its best run.
+        runs = {key: {"ours": [], "hf": [], "ours_b": [], "hf_b": []} for key in engines}
+        for _ in range(args.repeats):
+            for key, engine in engines.items():
+                runs[key]["ours"].append(ours_single(engine, prompts[0], args.new_tokens))
+                runs[key]["hf"].append(hf_single(hf, prompts[0], args.new_tokens))
+        for _ in range(args.repeats):
+            for key, engine in engines.items():
+                runs[key]["ours_b"].append(ours_batch(engine, prompts, args.new_tokens))
+                runs[key]["hf_b"].append(hf_batch(hf, tok, prompts, args.new_tokens))
+        for (quantization, head), r in runs.items():
+            (ours_s, ours_ttft), (hf_s, hf_ttft) = max(r["ours"]), max(r["hf"])
+            ours_b, hf_b = max(r["ours_b"]), max(r["hf_b"])
             rows.append({
                 "dtype": dtype,
                 "quantization": quantization,
+                "tied_lm_head": head,
                 "single_stream_decode_tok_s": {"stageserve": ours_s, "hf": hf_s, "ratio": ours_s / hf_s},
                 "ttft_s": {"stageserve": ours_ttft, "hf": hf_ttft},
                 "batch_throughput_tok_s": {"stageserve": ours_b, "hf": hf_b, "ratio": ours_b / hf_b},
                 "batch_over_single": ours_b / ours_s,
             })  # fmt: skip
-            del engine
+        del engines
         del hf
 
     result = {
@@ -147,14 +164,14 @@ def main() -> None:
         "results": rows,
         "targets": {"single_vs_hf": 1.5, "batch_over_single": 4.0},
     }
-    print(f"{'dtype / ours':18} {'metric':30} {'stageserve':>11} {'HF':>11} {'ratio':>7}")
+    print(f"{'dtype / ours':34} {'metric':30} {'stageserve':>11} {'HF':>11} {'ratio':>7}")
     for r in rows:
         s, t, b = r["single_stream_decode_tok_s"], r["ttft_s"], r["batch_throughput_tok_s"]
-        name = f"{r['dtype']} / {r['quantization']}"
-        print(f"{name:18} {'single-stream decode tok/s':30} {s['stageserve']:11.1f} {s['hf']:11.1f} {s['ratio']:7.2f}")
-        print(f"{name:18} {'TTFT s':30} {t['stageserve']:11.3f} {t['hf']:11.3f}")
-        print(f"{name:18} {f'batch-{args.batch} output tok/s':30} {b['stageserve']:11.1f} {b['hf']:11.1f} {b['ratio']:7.2f}")
-        print(f"{name:18} {'batch / single-stream (ours)':30} {r['batch_over_single']:11.2f}")
+        name = f"{r['dtype']} / {r['quantization']}" + (f" / head {r['tied_lm_head']}" if r["quantization"] != "none" else "")
+        print(f"{name:34} {'single-stream decode tok/s':30} {s['stageserve']:11.1f} {s['hf']:11.1f} {s['ratio']:7.2f}")
+        print(f"{name:34} {'TTFT s':30} {t['stageserve']:11.3f} {t['hf']:11.3f}")
+        print(f"{name:34} {f'batch-{args.batch} output tok/s':30} {b['stageserve']:11.1f} {b['hf']:11.1f} {b['ratio']:7.2f}")
+        print(f"{name:34} {'batch / single-stream (ours)':30} {r['batch_over_single']:11.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

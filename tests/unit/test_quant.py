@@ -13,7 +13,7 @@ from stageserve.engine.attention import FP8_KV_DTYPE, dequant_kv, write_kv
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.engine import LLMEngine
 from stageserve.engine.loader.weights import load_model
-from stageserve.engine.quant.calibrate import search_awq
+from stageserve.engine.quant.calibrate import clip_int4, search_awq
 from stageserve.engine.quant.formats import (
     PackedWeight,
     cat_rows,
@@ -125,6 +125,24 @@ def test_awq_is_never_worse_than_plain_int4_on_its_calibration_data():
     plain_err = (x @ quantize_int4(w, 64).dequantize().t() - ref).pow(2).mean()
     assert awq_err <= plain_err
     assert awq_err < 0.9 * plain_err  # with skewed activations the search finds a real gain
+
+
+def test_awq_clipping_lowers_the_error_where_a_group_has_an_outlier_weight():
+    gen = torch.Generator().manual_seed(1)
+    w = weight(k=128)
+    w[:, ::64] *= 6  # one large weight per group stretches min-max's range
+    x = torch.randn(64, 128, generator=gen)
+    ref = x @ w.t()
+    err = lambda packed: (x @ packed.dequantize().t() - ref).pow(2).mean()  # noqa: E731
+    clipped = clip_int4(w, x, 64)
+    assert clipped.shape == w.shape and clipped.group_size == 64
+    assert err(clipped) < 0.9 * err(quantize_int4(w, 64))
+    # Rows go in chunks; the result does not depend on the chunk size.
+    assert torch.equal(clip_int4(w, x, 64, rows_per_chunk=5).qweight, clipped.qweight)
+    scaled, inv = search_awq(w, x, 64)
+    unclipped, inv_unclipped = search_awq(w, x, 64, clip=False)
+    awq_err = lambda packed, inv: ((x * inv) @ packed.dequantize().t() - ref).pow(2).mean()  # noqa: E731
+    assert torch.equal(inv, inv_unclipped) and awq_err(scaled, inv) <= awq_err(unclipped, inv)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "gguf", "fp8"])
@@ -309,10 +327,12 @@ def test_cli_takes_quantization_flags_from_engine_config():
 
     args = build_parser().parse_args(
         ["generate", "hi", "--local", "--quantization", "int4", "--quant-group-size", "64", "--quant-awq",
-         "--kv-cache-dtype", "fp8_e4m3", "--quant-dispatch", "fixed", "--quant-cpu-kernels", "reference"]
+         "--kv-cache-dtype", "fp8_e4m3", "--quant-dispatch", "fixed", "--quant-cpu-kernels", "reference",
+         "--tied-lm-head", "embedding"]
     )  # fmt: skip
     config = engine_config_from_args(args)
     assert (config.quantization, config.quant_group_size, config.quant_awq) == ("int4", 64, True)
+    assert config.tied_lm_head == "embedding"
     assert (config.kv_cache_dtype, config.quant_dispatch, config.quant_cpu_kernels) == ("fp8_e4m3", "fixed", "reference")
     ev = build_parser().parse_args(["eval-quality", "--quantization", "int8", "fp8", "--max-tokens", "4"])
     assert ev.quantization == ["int8", "fp8"] and ev.max_tokens == 4 and not ev.one_at_a_time

@@ -114,11 +114,15 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> PackedWeight:
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the INT4 group size {group_size}")
     g = w.float().reshape(n, k // group_size, group_size)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-8).half().float()  # rounded first: q is computed against them
-    offset = lo.half().float()
+    scale, offset = int4_grid(g.amin(dim=-1), g.amax(dim=-1))
     q = torch.round((g - offset.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
     return PackedWeight(pack_int4(q.reshape(n, k)), scale.half(), offset.half(), 4, "int4")
+
+
+def int4_grid(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT4's (scale, offset) for groups spanning [lo, hi], rounded to float16 first (as the weight stores
+    them), since the codes are computed against the stored values."""
+    return ((hi - lo) / 15).clamp_min(1e-8).half().float(), lo.half().float()
 
 
 def quantize_gguf(w: torch.Tensor, fmt: str) -> PackedWeight:

@@ -12,6 +12,9 @@ VARIANTS: dict[str, dict] = {
     "int4-g32": {"quantization": "int4", "quant_group_size": 32},
     "int4-awq": {"quantization": "int4", "quant_group_size": 128, "quant_awq": True},
     "gguf": {"quantization": "gguf"},
+    # The default model's head is tied; `gguf` leaves it to tied_lm_head=auto (an INT8 copy on the CPU in bf16).
+    "gguf-head-int8": {"quantization": "gguf", "tied_lm_head": "int8"},
+    "gguf-head-embedding": {"quantization": "gguf", "tied_lm_head": "embedding"},
     "fp8": {"quantization": "fp8", "fp8_scaling": "channel"},
     "fp8-tensor": {"quantization": "fp8", "fp8_scaling": "tensor"},
     "kv-fp8": {"kv_cache_dtype": "fp8_e4m3"},
