@@ -11,6 +11,7 @@ VARIANTS: dict[str, dict] = {
     "int4-g64": {"quantization": "int4", "quant_group_size": 64},
     "int4-g32": {"quantization": "int4", "quant_group_size": 32},
     "int4-awq": {"quantization": "int4", "quant_group_size": 128, "quant_awq": True},
+    "int4-awq-g64": {"quantization": "int4", "quant_group_size": 64, "quant_awq": True},
     "gguf": {"quantization": "gguf"},
     # The default model's head is tied; `gguf` leaves it to tied_lm_head=auto (an INT8 copy on the CPU in bf16).
     "gguf-head-int8": {"quantization": "gguf", "tied_lm_head": "int8"},
