@@ -164,7 +164,16 @@ class TorchAttention(AttentionBackend):
             positions = torch.arange(max_blocks * block_size, device=q.device)
             mask = (positions.unsqueeze(0) < meta.seq_lens.unsqueeze(1))[:, None, None, :]  # [seqs, 1, 1, ctx]
             meta.backend_state["decode_mask"] = mask
+        if q.dtype == torch.float32:
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(2), kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True
+            )  # [seqs, heads, 1, head_dim]
+            return out.squeeze(2)
+        # In bf16/f16 the CPU kernel runs 5-7x faster with each KV head's query group as its query rows
+        # (query head h reads KV head h // group, as under enable_gqa) than with one query row per head,
+        # and gives the same bits; in float32 the two cost about the same and differ in the last bit.
+        group = q.shape[1] // num_kv_heads
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True
-        )  # [seqs, heads, 1, head_dim]
-        return out.squeeze(2)
+            q.reshape(num_seqs, num_kv_heads, group, head_dim), kv[0], kv[1], attn_mask=mask, scale=scale
+        )  # [seqs, kv_heads, group, head_dim]
+        return out.reshape(num_seqs, num_kv_heads * group, head_dim)
