@@ -7,6 +7,7 @@ feed it from their event loop through a command queue (see the decode and prefil
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from stageserve.engine.speculative import DraftClient, Speculator
 from stageserve.sample.params import SamplingParams
 from stageserve.sample.rejection import verify_by_match
 from stageserve.sample.sampler import SampledToken
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class LLMEngine:
             model, device=self.device, dtype=self.dtype, tp=tp, quantization=self.config.quantization
         )
         self.model_source = loaded.source
+        _warn_if_requantizing(loaded, self.config)
         self.model_config: ModelConfig = loaded.config
         self.max_model_len = min(
             self.config.max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings
@@ -412,6 +416,21 @@ def _decode_shape(sched: SchedulerOutput) -> tuple[int, int] | None:
     if any(s.request.num_computed_tokens != s.request.num_tokens - 1 for s in sched.scheduled):
         return None
     return len(sched.scheduled), max(s.num_new_tokens for s in sched.scheduled)
+
+
+def _warn_if_requantizing(loaded: LoadedModel, config: EngineConfig) -> bool:
+    """Log (and return True) when INT4 is asked of projections that arrive as 4-bit GGUF blocks: a second
+    rounding onto a coarser grid, which `--quantization gguf` avoids by running the blocks as they are."""
+    four_bit = [t for t in loaded.extra.get("gguf_projection_types", ()) if t in ("Q4_0", "Q4_1")]
+    if config.quantization != "int4" or not four_bit:
+        return False
+    logger.warning(
+        "%s: the projections are already 4-bit GGUF blocks (%s); --quantization int4 re-quantizes them onto "
+        "groups of %d, a second rounding (+12-46%% perplexity on the default model, BENCHMARKS.md). "
+        "--quantization gguf runs the blocks as they are, at the same size.",
+        loaded.source, ", ".join(four_bit), config.quant_group_size,
+    )  # fmt: skip
+    return True
 
 
 def _calibration_tokens(loaded: LoadedModel, config: EngineConfig) -> list[int] | None:

@@ -322,6 +322,19 @@ def test_tied_head_int8_copy_keeps_the_embedding_for_lookups(dtype):
         assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
 
 
+def test_int4_of_4bit_gguf_blocks_warns_and_points_at_gguf(tiny_gguf, caplog):
+    from stageserve.engine.engine import _warn_if_requantizing
+
+    loaded = load_model(str(tiny_gguf))
+    assert loaded.extra["gguf_projection_types"] == ["Q4_1"]
+    with caplog.at_level("WARNING", logger="stageserve.engine.engine"):
+        assert _warn_if_requantizing(loaded, EngineConfig(quantization="int4"))
+    assert "already 4-bit GGUF blocks (Q4_1)" in caplog.text and "--quantization gguf" in caplog.text
+    for quantization in ("none", "int8", "gguf", "fp8"):
+        assert not _warn_if_requantizing(loaded, EngineConfig(quantization=quantization))
+    assert not _warn_if_requantizing(load_model("dummy:tiny"), EngineConfig(quantization="int4"))  # float weights
+
+
 def test_cli_takes_quantization_flags_from_engine_config():
     from stageserve.cli import build_parser, engine_config_from_args
 

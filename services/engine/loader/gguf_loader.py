@@ -149,6 +149,7 @@ def load_gguf(path: Path, name: str | None = None, tp=None, keep_blocks: bool = 
         config = ModelConfig(**{**config.__dict__, "name": name})
     shard = model_shard(config, tp)
     state: dict[str, torch.Tensor] = {}
+    projection_types: set[str] = set()
     with progress(len(reader.tensors), f"loading {path.name}") as bar:
         for tensor in reader.tensors:
             bar.update()
@@ -157,6 +158,8 @@ def load_gguf(path: Path, name: str | None = None, tp=None, keep_blocks: bool = 
                 continue
             if tensor.tensor_type not in SUPPORTED_TYPES:
                 raise ModelLoadError(f"{tensor.name}: GGUF type {tensor.tensor_type.name} is not supported")
+            if target.endswith("_proj.weight"):
+                projection_types.add(tensor.tensor_type.name)
             if keep_blocks and tensor.tensor_type in _KEPT_TYPES and target.endswith(("_proj.weight", "lm_head.weight")):
                 state[target] = _packed(path, tensor, config)
                 continue
@@ -174,7 +177,10 @@ def load_gguf(path: Path, name: str | None = None, tp=None, keep_blocks: bool = 
             state[target] = shard.apply(target, weight) if shard is not None else weight
     if "model.embed_tokens.weight" not in state:
         raise ModelLoadError(f"{path}: no token_embd.weight tensor")
-    return LoadedModel(config=config, state_dict=state, tokenizer_source=path, source=str(path), shard=shard)
+    return LoadedModel(
+        config=config, state_dict=state, tokenizer_source=path, source=str(path), shard=shard,
+        extra={"gguf_projection_types": sorted(projection_types)},
+    )  # fmt: skip
 
 
 def _packed(path: Path, tensor: gguf.ReaderTensor, config: ModelConfig):
