@@ -426,7 +426,7 @@ def _warn_if_requantizing(loaded: LoadedModel, config: EngineConfig) -> bool:
         return False
     logger.warning(
         "%s: the projections are already 4-bit GGUF blocks (%s); --quantization int4 re-quantizes them onto "
-        "groups of %d, a second rounding (+12-46%% perplexity on the default model, BENCHMARKS.md). "
+        "groups of up to %d, a second rounding (+12-46%% perplexity on the default model, BENCHMARKS.md). "
         "--quantization gguf runs the blocks as they are, at the same size.",
         loaded.source, ", ".join(four_bit), config.quant_group_size,
     )  # fmt: skip
