@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -90,8 +91,9 @@ def evaluate(
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     prompts = eval_prompts()
     results, ref = [], None
-    for variant in order:
+    for i, variant in enumerate(order):
         t0 = time.monotonic()
+        print(f"eval-quality: [{i + 1}/{len(order)}] {variant}: load, {len(prompts)} prompts, perplexity", file=sys.stderr, flush=True)
         config = EngineConfig(**{**asdict(base), **VARIANTS[variant]})
         llm = LLM(model, config)
         if llm.tokenizer is None:
