@@ -9,8 +9,8 @@ matmul each at load time.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
