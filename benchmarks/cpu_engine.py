@@ -117,9 +117,10 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).eval()
         hf_single(hf, prompts[0], 8)  # warm-up
+        heads = args.tied_heads.split(",")
         variants = [
-            (q, head) for q in args.quantization.split(",") for head in args.tied_heads.split(",")
-            if q != "none" or head == args.tied_heads.split(",")[0]  # the head setting only applies when quantized
+            (q, head) for q in args.quantization.split(",") for head in heads
+            if q != "none" or head == heads[0]  # the head setting only applies when quantized
         ]  # fmt: skip
         engines = {}
         for quantization, head in variants:

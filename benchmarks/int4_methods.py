@@ -35,11 +35,11 @@ import torch
 
 from stageserve.engine.config import EngineConfig
 from stageserve.engine.llm import LLM
-from stageserve.engine.quant.calibrate import AWQ_SAMPLE_ROWS, calibration_text, clip_int4, prefill_hidden, search_awq
-from stageserve.engine.quant.formats import PackedWeight, int4_grid
+from stageserve.engine.quant.calibrate import calibration_text, clip_int4, prefill_hidden, sample_rows, search_awq
+from stageserve.engine.quant.formats import PackedWeight, int4_codes, int4_grid, int4_packed
 from stageserve.engine.quant.linear import PackedLinear, int4_group
 from stageserve.engine.quant.quality import _data, corpus_scores
-from stageserve.kernels.quant_ref import pack_int4
+
 
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, damp: float, block: int = 128) -> PackedWeight:
     """GPTQ of w [N, K] against the activations' second moment `hessian` [K, K] (see the module doc)."""
@@ -61,12 +61,12 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, damp: floa
                 g = w1[:, i : i + group] if i + group <= end - start else w[:, col : col + group]
                 scale[:, col // group], offset[:, col // group] = int4_grid(g.amin(1), g.amax(1))
             s, o = scale[:, col // group], offset[:, col // group]
-            q[:, col] = torch.round((w1[:, i] - o) / s).clamp(0, 15)
+            q[:, col] = int4_codes(w1[:, i], s, o)
             err = (w1[:, i] - (q[:, col] * s + o)) / h1[i, i]
             w1[:, i:] -= err[:, None] * h1[i, i:][None, :]
             err1[:, i] = err
         w[:, end:] -= err1 @ hinv[start:end, end:]
-    return PackedWeight(pack_int4(q.to(torch.uint8)), scale.half(), offset.half(), 4, "int4")
+    return int4_packed(q, scale, offset)
 
 
 def main() -> None:
@@ -101,7 +101,7 @@ def main() -> None:
         def record(module, inputs):
             x = inputs[0].reshape(-1, module.in_features).float()
             hessians[module] = x.t() @ x / x.shape[0]
-            samples[module] = x[:: max(1, x.shape[0] // AWQ_SAMPLE_ROWS)][:AWQ_SAMPLE_ROWS]
+            samples[module] = sample_rows(x)
 
         for m in layers.values():
             m.pending = weights[m]  # the calibration pass runs the float weight

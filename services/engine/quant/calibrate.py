@@ -17,8 +17,7 @@ from importlib import resources
 import torch
 
 from stageserve.engine.attention import AttentionMetadata, TorchAttention
-from stageserve.engine.quant.formats import FP8_MAX, PackedWeight, int4_grid, quantize_int4
-from stageserve.kernels.quant_ref import pack_int4
+from stageserve.engine.quant.formats import FP8_MAX, PackedWeight, int4_codes, int4_grid, int4_packed, quantize_int4
 from stageserve.engine.quant.linear import PackedLinear, int4_group
 
 CALIBRATION_TOKENS = 512
@@ -79,9 +78,7 @@ def calibrate(model, token_ids: list[int], *, kv_scales: bool) -> None:
     samples: dict[PackedLinear, torch.Tensor] = {}
 
     def grab(module, args):
-        x = args[0].reshape(-1, module.in_features).float()
-        step = max(1, x.shape[0] // AWQ_SAMPLE_ROWS)
-        samples[module] = x[::step][:AWQ_SAMPLE_ROWS]
+        samples[module] = sample_rows(args[0].reshape(-1, module.in_features).float())
 
     hooks = [m.register_forward_pre_hook(grab) for m in pending]
     recorder = _RecordingAttention()
@@ -103,6 +100,11 @@ def calibrate(model, token_ids: list[int], *, kv_scales: bool) -> None:
     if kv_scales:
         for a, (k_amax, v_amax) in zip(attns, recorder.amax):
             a.kv_scale = (max(k_amax, 1e-6) * KV_HEADROOM / FP8_MAX, max(v_amax, 1e-6) * KV_HEADROOM / FP8_MAX)
+
+
+def sample_rows(x: torch.Tensor) -> torch.Tensor:
+    """Up to AWQ_SAMPLE_ROWS rows of x [S, K], evenly spaced: the activations the AWQ searches score on."""
+    return x[:: max(1, x.shape[0] // AWQ_SAMPLE_ROWS)][:AWQ_SAMPLE_ROWS]
 
 
 def search_awq(weight: torch.Tensor, x: torch.Tensor, group_size: int, *, clip: bool = True):
@@ -140,8 +142,7 @@ def clip_int4(weight: torch.Tensor, x: torch.Tensor, group_size: int, rows_per_c
     xg = x.reshape(-1, k // group_size, group_size)
     chunks = [_clip_rows(weight[r : r + rows_per_chunk].reshape(-1, k // group_size, group_size), xg)
               for r in range(0, n, rows_per_chunk)]  # fmt: skip
-    q, scale, offset = (torch.cat(parts) for parts in zip(*chunks))
-    return PackedWeight(pack_int4(q.reshape(n, k).to(torch.uint8)), scale.half(), offset.half(), 4, "int4")
+    return int4_packed(*(torch.cat(parts) for parts in zip(*chunks)))
 
 
 def _clip_rows(wg: torch.Tensor, xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,7 +151,7 @@ def _clip_rows(wg: torch.Tensor, xg: torch.Tensor) -> tuple[torch.Tensor, torch.
     best = None
     for ratio in AWQ_CLIP_RATIOS:
         scale, offset = int4_grid(lo * ratio, hi * ratio)
-        q = torch.round((wg - offset[..., None]) / scale[..., None]).clamp(0, 15)
+        q = int4_codes(wg, scale[..., None], offset[..., None])
         err = torch.einsum("sgi,rgi->srg", xg, q * scale[..., None] + offset[..., None] - wg).pow(2).sum(0)  # [R, G]
         if best is None:
             best = [err, q, scale, offset]

@@ -115,14 +115,26 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> PackedWeight:
         raise ValueError(f"in_features {k} is not a multiple of the INT4 group size {group_size}")
     g = w.float().reshape(n, k // group_size, group_size)
     scale, offset = int4_grid(g.amin(dim=-1), g.amax(dim=-1))
-    q = torch.round((g - offset.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
-    return PackedWeight(pack_int4(q.reshape(n, k)), scale.half(), offset.half(), 4, "int4")
+    return int4_packed(int4_codes(g, scale[..., None], offset[..., None]), scale, offset)
 
 
 def int4_grid(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """INT4's (scale, offset) for groups spanning [lo, hi], rounded to float16 first (as the weight stores
     them), since the codes are computed against the stored values."""
     return ((hi - lo) / 15).clamp_min(1e-8).half().float(), lo.half().float()
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The nearest of INT4's 16 levels q * scale + offset to each weight (scale and offset broadcast to w),
+    as float codes 0..15."""
+    return torch.round((w - offset) / scale).clamp(0, 15)
+
+
+def int4_packed(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> PackedWeight:
+    """An INT4 PackedWeight from codes [N, K] (any shape that flattens to it by rows) and its groups'
+    scales and offsets [N, K / group]."""
+    n = scale.shape[0]
+    return PackedWeight(pack_int4(codes.reshape(n, -1).to(torch.uint8)), scale.half(), offset.half(), 4, "int4")
 
 
 def quantize_gguf(w: torch.Tensor, fmt: str) -> PackedWeight:
