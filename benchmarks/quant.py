@@ -60,7 +60,8 @@ KERNEL_FORMATS = ("int8", "int4", "q4_0", "q4_1", "q8_0")
 
 def log(section: str, **values) -> None:
     RESULTS.setdefault(section, []).append(values)
-    print(f"[{section}] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()), flush=True)
+    shown = {k: v for k, v in values.items() if not isinstance(v, dict)}  # tables go to the JSON only
+    print(f"[{section}] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), flush=True)
 
 
 def timed(fn, iters: int) -> float:
@@ -183,6 +184,16 @@ MM_CONFIGS = [  # block_k in elements (the kernel takes words: block_k * bits / 
     )
 ]  # fmt: skip
 
+MMT_CONFIGS = [  # quant_mm_t: (mode, block_n, block_k, num_warps, num_stages, split_k); codes: 4-bit with offsets only
+    dict(mode=mode, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=sp)
+    for mode, bn, bk, w, st, sp in (
+        ("codes", 128, 128, 8, 3, None), ("codes", 64, 128, 4, 3, None), ("codes", 128, 128, 8, 4, None),
+        ("codes", 64, 128, 4, 4, None), ("codes", 128, 128, 8, 3, 1), ("codes", 64, 64, 4, 3, None),
+        ("joins", 128, 128, 8, 3, None), ("joins", 64, 128, 4, 3, None), ("joins", 128, 128, 8, 3, 1),
+        ("gather", 64, 128, 4, 3, None), ("gather", 128, 128, 8, 3, None),
+    )
+]  # fmt: skip
+
 
 def _gemv(x, args, c):
     return qm.quant_gemv(x, *args, block_n=c["block_n"], block_w=c["tile_words"] // c["block_n"], k_order=c["k_order"])
@@ -191,6 +202,14 @@ def _gemv(x, args, c):
 def _mm(x, args, c):
     return qm.quant_mm(x, *args, block_m=c["block_m"], block_n=c["block_n"], block_w=c["block_k"] * args[3] // 32,
                        num_warps=c["num_warps"], num_stages=c["num_stages"])  # fmt: skip
+
+
+def _mm_t(x, args, c):
+    group = x.shape[1] // args[1].shape[1]  # scales [N, K // group]
+    block_k = min(c["block_k"], group) if c["mode"] == "codes" else c["block_k"]
+    return qm.quant_mm_t(x, *args, block_n=c["block_n"], block_w=block_k * args[3] // 32, split_k=c["split_k"],
+                         gather=c["mode"] == "gather", codes=c["mode"] == "codes", num_warps=c["num_warps"],
+                         num_stages=c["num_stages"])  # fmt: skip
 
 
 def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), kernels=None) -> None:
@@ -235,21 +254,29 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
                         for c in MM_CONFIGS:
                             if c["block_m"] <= max(16, 2 * m):
                                 runs["mm_" + "_".join(f"{v}" for v in c.values())] = lambda c=c: _mm(x, args, c)
+                    if m >= 2:
+                        for c in MMT_CONFIGS:
+                            if c["mode"] != "codes" or (p.bits == 4 and p.offsets is not None):
+                                runs["mmt_" + "_".join(f"{v}" for v in c.values())] = lambda c=c: _mm_t(x, args, c)
                     runs["dq+gemm"] = lambda: x @ qm.dequantize(*args, x.dtype).t()
+                    ref = x.float() @ p.dequantize().to(DEVICE).float().t()
                 if kernels:
                     runs = {v: fn for v, fn in runs.items() if v.startswith(tuple(kernels))}
                 times = {}
                 for v, fn in runs.items():
                     try:
+                        if v.startswith("mmt_") and (err := rel_error(fn(), ref)) > 2e-2:
+                            log("sweep_error", shape=name, fmt=fmt, batch=m, variant=v, error=f"relative error {err:.3g}")
+                            continue
                         times[v] = timed(fn, iters)
                     except Exception as exc:  # a configuration that does not compile or fit: skipped, named
                         log("sweep_error", shape=name, fmt=fmt, batch=m, variant=v, error=f"{type(exc).__name__}: {exc}"[:200])
-                kernels = {v: t for v, t in times.items() if v != "quant_act"}
-                best = min(kernels, key=kernels.get)
-                top = sorted(kernels, key=kernels.get)[:4]
-                log("sweep", shape=name, fmt=fmt, batch=m, bf16_us=bf16_s * 1e6, best=best, best_us=kernels[best] * 1e6,
-                    best_vs_bf16=bf16_s / kernels[best], weight_GBps=layer.weight_bytes() / kernels[best] / 1e9,
-                    top=" ".join(f"{v}:{kernels[v] * 1e6:.1f}" for v in top),
+                ran = {v: t for v, t in times.items() if v != "quant_act"}
+                best = min(ran, key=ran.get)
+                top = sorted(ran, key=ran.get)[:4]
+                log("sweep", shape=name, fmt=fmt, batch=m, bf16_us=bf16_s * 1e6, best=best, best_us=ran[best] * 1e6,
+                    best_vs_bf16=bf16_s / ran[best], weight_GBps=layer.weight_bytes() / ran[best] / 1e9,
+                    top=" ".join(f"{v}:{ran[v] * 1e6:.1f}" for v in top), all=ran,
                     **({"quant_act_us": times["quant_act"] * 1e6} if "quant_act" in times else {}))  # fmt: skip
 
 

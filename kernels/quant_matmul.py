@@ -100,6 +100,43 @@ def _k_order(w, s, o, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET:
 
 
 @triton.jit
+def _code_base(dtype: tl.constexpr):
+    """What `_k_order_codes` adds to every code: 128 in bfloat16, 1024 in float16, 0 in float32."""
+    if dtype == tl.bfloat16:
+        return 128.0
+    elif dtype == tl.float16:
+        return 1024.0
+    else:
+        return 0.0
+
+
+@triton.jit
+def _pair_planes(w, shift: tl.constexpr, dtype: tl.constexpr):
+    """Codes shift/4 and shift/4 + 4 of every 4-bit word as (C + q) in `dtype`, exactly: one shift and one
+    lop3 make both halves of an int32 the 16-bit patterns of C + q (0x4300 | q is 128 + q in bfloat16,
+    0x6400 | q is 1024 + q in float16). float32 takes the 2**23 trick per code."""
+    if dtype == tl.float32:
+        return _codes(w, shift, 4), _codes(w, shift + 16, 4)
+    else:
+        if dtype == tl.bfloat16:
+            t = ((w >> shift) & 0x000F000F) | 0x43004300
+        else:
+            t = ((w >> shift) & 0x000F000F) | 0x64006400
+        return t.to(tl.int16).to(dtype, bitcast=True), (t >> 16).to(tl.int16).to(dtype, bitcast=True)
+
+
+@triton.jit
+def _k_order_codes(w, dtype: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """4-bit words [BLOCK_N, BLOCK_W] -> C + q in `dtype`, [BLOCK_N, BLOCK_W * 8] in k order (as _k_order)."""
+    p0, p4 = _pair_planes(w, 0, dtype)
+    p1, p5 = _pair_planes(w, 4, dtype)
+    p2, p6 = _pair_planes(w, 8, dtype)
+    p3, p7 = _pair_planes(w, 12, dtype)
+    t = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    return tl.reshape(t, [BLOCK_N, BLOCK_W * 8])
+
+
+@triton.jit
 def _load_words(w_ptr, s_ptr, o_ptr, rn64, n_ok, col, c_ok, stride_wn, stride_sn,
                 GROUP: tl.constexpr, PER: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr):  # fmt: skip
     """A [BLOCK_N, BLOCK_W] tile of words and, per word, its group's scale and offset (L1-cached repeats)."""
@@ -214,6 +251,63 @@ def _quant_mm_kernel(
         acc *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _quant_mm_t_kernel(
+    x_ptr, w_ptr, s_ptr, o_ptr, out_ptr,  # as in _quant_gemv_kernel; out is [SPLIT, M, N] with K split
+    M, N, K,
+    stride_xm, stride_wn, stride_sn, stride_om, stride_split, words_per_split,
+    BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_OFFSET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, GATHER: tl.constexpr, CODES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):  # fmt: skip
+    """out.T = W x.T: the dequantized [BLOCK_N, BLOCK_K] weight tile is the dot's first operand, which on
+    Hopper wgmma takes from registers (no shared-memory round trip for the tile), and x.T [BLOCK_K, BLOCK_M]
+    the second, loaded through the pipeline. BLOCK_N >= 64 fills the MMA's rows whatever the batch, so
+    BLOCK_M can be as small as the batch. Program axis 2 takes `words_per_split` words of K."""
+    PER: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = BLOCK_W * PER
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok, n_ok = rm < M, rn < N
+    rn64 = rn.to(tl.int64)
+    cs = tl.arange(0, BLOCK_W)
+    xt = x_ptr + rm[None, :].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[:, None]  # [BLOCK_K, BLOCK_M]
+    dot_dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    w_begin = tl.program_id(2) * words_per_split
+    for w0 in range(w_begin, tl.minimum(w_begin + words_per_split, K // PER), BLOCK_W):
+        if CODES:  # 4-bit codes exactly as C + q in the dot's dtype; the step's group scale and offset after it
+            w = tl.load(w_ptr + rn64[:, None] * stride_wn + (w0 + cs)[None, :], mask=n_ok[:, None], other=0)
+            tile = _k_order_codes(w, dot_dtype, BLOCK_N, BLOCK_W)
+            x = tl.load(xt + w0 * PER, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+            part = mma(tile, x, DOT_PRECISION, DOT_UPCAST)
+            xs = tl.sum(x.to(tl.float32), axis=0)  # [BLOCK_M]
+            at = rn64 * stride_sn + (w0 * PER) // GROUP
+            s = tl.load(s_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
+            o = tl.load(o_ptr + at, mask=n_ok, other=0.0).to(tl.float32)
+            acc += s[:, None] * part + (o - _code_base(dot_dtype) * s)[:, None] * xs[None, :]
+        elif GATHER:
+            kk = tl.arange(0, BLOCK_K)
+            wv = tl.load(w_ptr + rn64[:, None] * stride_wn + (w0 + kk // PER)[None, :], mask=n_ok[:, None], other=0)
+            f = _codes(wv >> ((kk % PER) * BITS)[None, :], 0, BITS)
+            if not PER_CHANNEL:
+                at = rn64[:, None] * stride_sn + ((w0 * PER + kk) // GROUP)[None, :]
+                f = f * tl.load(s_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
+                if HAS_OFFSET:
+                    f += tl.load(o_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            tile = f.to(dot_dtype)
+        else:
+            w, s, o = _load_words(w_ptr, s_ptr, o_ptr, rn64, n_ok, w0 + cs, cs < BLOCK_W, stride_wn, stride_sn, GROUP, PER, PER_CHANNEL, HAS_OFFSET)
+            tile = _k_order(w, s, o, BITS, PER_CHANNEL, HAS_OFFSET, BLOCK_N, BLOCK_W).to(dot_dtype)  # [BLOCK_N, BLOCK_K]
+        if not CODES:
+            x = tl.load(xt + w0 * PER, mask=m_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+            acc += mma(tile, x, DOT_PRECISION, DOT_UPCAST)
+    if PER_CHANNEL:
+        acc *= tl.load(s_ptr + rn64 * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    out = out_ptr + tl.program_id(2) * stride_split + rm[None, :].to(tl.int64) * stride_om + rn[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & n_ok[:, None])
 
 
 @triton.jit
@@ -443,6 +537,62 @@ def quant_mm(
         num_warps=num_warps or (1 if interpreting() else (8 if block_m >= 64 else 4)),
         num_stages=num_stages or (1 if interpreting() else 3),
     )  # fmt: skip
+    return out
+
+
+def quant_mm_t(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bits: int,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,  # >= 64 on a GPU (the MMA's rows)
+    block_w: int | None = None,
+    split_k: int | None = None,  # K splits (None: about two programs per SM); partial sums in float32, summed in a fixed order
+    gather: bool = False,  # build the tile element by element from gathered words instead of by joins
+    codes: bool = False,  # 4-bit with offsets: codes on the tensor cores, each K step's group scale after
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    out: torch.Tensor | None = None,  # [M, N]
+) -> torch.Tensor:  # [M, N]
+    """quant_mm with the operands swapped (out.T = W x.T): the weight tile fills the MMA's rows, the batch its
+    columns, so a batch of 16 is not padded to a 64-row tile and narrow shapes (`down`) can split K."""
+    m, n, k, tile, per_channel, out = _prepare(x, qweight, scales, offsets, bits, out)
+    if m == 0:
+        return out
+    num_words = k * bits // 32
+    if block_m is None:
+        block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
+    if block_n is None:
+        block_n = 16 if interpreting() else 128
+    if block_w is None:
+        block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(num_words, (16, 8, 4) if bits == 4 else (32, 16, 8))
+        if codes:
+            block_w = min(block_w, tile // 8)
+    assert block_w * 32 // bits >= 16 and num_words % block_w == 0, f"K={k}: {num_words} words per row, block_w={block_w}"
+    if codes:
+        assert bits == 4 and offsets is not None and tile % (block_w * 8) == 0, "codes: 4-bit with offsets, K steps inside a group"
+    steps = num_words // block_w
+    grid_nm = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    if split_k is None:
+        split_k = 1 if interpreting() else max(1, min(2 * num_sms(x.device) // grid_nm, steps // 4, 8))
+    per_split = triton.cdiv(steps, max(1, min(split_k, steps))) * block_w
+    splits = triton.cdiv(num_words, per_split)
+    dst = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    words = _words(qweight)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), splits)
+    _quant_mm_t_kernel[grid](
+        x, words, scales, scales if offsets is None else offsets, dst, m, n, k,
+        x.stride(0), words.stride(0), scales.stride(0), dst.stride(-2), dst.stride(0) if splits > 1 else 0, per_split,
+        BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, GATHER=gather, CODES=codes, **dot_flags(x.dtype),
+        num_warps=num_warps or (1 if interpreting() else (8 if block_n >= 128 else 4)),
+        num_stages=num_stages or (1 if interpreting() else 3),
+    )  # fmt: skip
+    if splits > 1:
+        torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(dim=0))
     return out
 
 

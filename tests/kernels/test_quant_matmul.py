@@ -20,6 +20,7 @@ from stageserve.kernels.quant_matmul import (
     mm_gluon_supports,
     quant_matmul_ref,
     quant_mm,
+    quant_mm_t,
     unpack_int4,
 )
 from stageserve.kernels.testing import TOLERANCE, rel_error
@@ -85,6 +86,30 @@ def test_quant_mm(device, gen, fmt, m, dtype):
     assert rel_error(out, quant_matmul_ref(x, qweight, scales, offsets, bits)) < TOLERANCE[dtype]
 
 
+MM_T_MODES = {"joins": {}, "gather": {"gather": True}, "codes": {"codes": True}}
+
+
+def mm_t_modes(fmt: str) -> list[str]:
+    """The tile builders quant_mm_t offers this format: `codes` needs 4-bit codes with offsets."""
+    bits, _, has_offset, _ = FORMATS[fmt]
+    return [mode for mode in MM_T_MODES if mode != "codes" or (bits == 4 and has_offset)]
+
+
+@pytest.mark.parametrize(("m", "split_k"), [(1, 1), (5, 3), (33, 1)])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quant_mm_t(device, gen, fmt, m, dtype, split_k):
+    """Swapped operands, every tile builder, K split (the last split shorter than the others)."""
+    n, k = 40, 384
+    qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
+    for mode in mm_t_modes(fmt):
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+        quant_mm_t(x, qweight, scales, offsets, bits, split_k=split_k, out=out, **MM_T_MODES[mode])
+        assert rel_error(out, ref) < TOLERANCE[dtype], mode
+
+
 def test_wrapper_rejects_bad_layouts(device, gen):
     qweight, scales, offsets, bits = make_weight("int4_g128", 16, 256, gen, device)
     x = torch.randn(1, 256, generator=gen, device=device)
@@ -111,6 +136,11 @@ def test_quant_kernels_full(device, gen, fmt, m, nk):
         for k_order in (False, True):
             assert rel_error(quant_gemv(x, qweight, scales, offsets, bits, k_order=k_order), ref) < TOLERANCE[torch.bfloat16]
     assert rel_error(quant_mm(x, qweight, scales, offsets, bits), ref) < TOLERANCE[torch.bfloat16]
+    if m >= 2:
+        for mode in mm_t_modes(fmt):
+            for block_n in (64, 128):
+                out = quant_mm_t(x, qweight, scales, offsets, bits, block_n=block_n, **MM_T_MODES[mode])
+                assert rel_error(out, ref) < TOLERANCE[torch.bfloat16], (mode, block_n)
 
 
 def test_gluon_gemv_fits():
