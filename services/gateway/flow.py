@@ -248,6 +248,10 @@ class RequestFlow:
 
         async def reserve(worker: Worker) -> decode_pb2.ReserveResponse:
             self.decode = worker  # set first: a cancel landing mid-call must still free what it reserved
+            # Counted against the worker's headroom while the call is out, so that requests arriving
+            # together spread over the replicas instead of all taking the one the last poll favoured.
+            provisional = worker.blocks_for(num_tokens)
+            worker.pending_blocks += provisional
             try:
                 timeout = self._timeout(self.config.rpc_timeout_s)
                 return await worker.stub.Reserve(pb, timeout=timeout, metadata=tracing.outgoing_metadata())
@@ -255,6 +259,8 @@ class RequestFlow:
                 if exc.code() in NOTHING_RESERVED:
                     self.decode = None
                 raise
+            finally:  # a poll may have reset the count meanwhile
+                worker.pending_blocks = max(0, worker.pending_blocks - provisional)
 
         retry = RETRY_ELSEWHERE | {grpc.StatusCode.RESOURCE_EXHAUSTED}
         with tracing.span("decode.reserve", kind="client"):

@@ -56,7 +56,8 @@ class Worker:
     available: bool = True
     in_flight: int = 0  # this gateway's calls (or, for decode, requests) on it right now
     free_blocks: int | None = None  # from the last Stats poll; None before the first
-    pending_blocks: int = 0  # blocks reserved through this gateway since that poll
+    pending_blocks: int = 0  # blocks reserved through this gateway since that poll (or being reserved now)
+    block_size: int = 0  # decode: tokens per KV block, from the last Stats poll; 0 before the first
     last_error: str = ""
     probe_misses: int = 0  # probes in a row that timed out while in rotation
     host_id: str = ""  # prefill: its host, from the last Stats poll (decode offers cuda-ipc only on the same one)
@@ -67,6 +68,10 @@ class Worker:
 
     def headroom(self) -> int:
         return (self.free_blocks or 0) - self.pending_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """The blocks `num_tokens` will take on this worker, as far as this gateway knows its block size."""
+        return -(-num_tokens // self.block_size) if self.block_size > 0 else 1
 
 
 def least_in_flight(worker: Worker) -> tuple:
@@ -214,6 +219,7 @@ async def probe_decode(worker: Worker, timeout_s: float) -> None:
     await _check_ready(worker, "stageserve.v1.Decode", timeout_s)
     reply = await worker.stub.Stats(decode_pb2.DecodeStatsRequest(), timeout=timeout_s)
     worker.free_blocks = reply.pool.free_blocks
+    worker.block_size = reply.pool.block_size
     worker.pending_blocks = 0  # the poll already counts every reservation made before it
 
 

@@ -137,8 +137,8 @@ def wait_exit(cluster: Cluster, name: str, timeout_s: float) -> int | None:
 async def load(
     cluster: Cluster, prompts: list[list[int]], n: int, max_tokens: int, kill, after_messages: int = 2, after_s: float = 0.0
 ):
-    """`n` streams through the gateway; once each has `after_messages` messages (or 10 s passed) and
-    `after_s` passed, `kill()`."""
+    """`n` streams through the gateway; once each has `after_messages` messages (or one stream is half
+    done, so that none has finished yet, or 10 s passed) and `after_s` passed, `kill()`."""
     async with grpc.aio.insecure_channel(cluster.address("gateway-0")) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         outcomes = [Outcome() for _ in range(n)]
@@ -147,7 +147,12 @@ async def load(
             for i in range(n)
         ]
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(o.messages < after_messages and o.code is None for o in outcomes):
+        def waiting() -> bool:
+            if any(len(o.tokens) * 2 >= max_tokens for o in outcomes):
+                return False
+            return any(o.messages < after_messages and o.code is None for o in outcomes)
+
+        while time.monotonic() < deadline and waiting():
             await asyncio.sleep(0.02)
         await asyncio.sleep(after_s)
         killed_at = time.monotonic()

@@ -98,10 +98,12 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
         self.attached: list[decode_pb2.AttachRequest] = []
         self.cancelled: list[str] = []
         self.attach_cancelled = False
+        self.reserve_delay_s = 0.0
 
     async def Reserve(self, request, context):
         if self.full:
             raise ResourceExhaustedError("no free blocks")
+        await asyncio.sleep(self.reserve_delay_s)
         self.reserved[request.request_id] = request
         num_blocks = -(-request.num_tokens // BLOCK_SIZE)
         descriptor = common_pb2.KVTransferDescriptor(
@@ -550,6 +552,22 @@ def test_pool_prefers_headroom_then_load_and_round_robins_ties():
     b.in_flight, c.pending_blocks = 2, 0
     assert pool.choose() is c
     assert pool.choose(exclude=[c]) is b
+
+
+def test_requests_arriving_together_spread_over_decode_replicas(tokenizer, output_ids):
+    """Reservations still in flight count against a replica's headroom: 8 requests at once do not all go
+    to the replica the last poll favoured by one block."""
+
+    async def body():
+        decodes = [FakeDecode(chunked(output_ids[1:]), free_blocks=65), FakeDecode(chunked(output_ids[1:]), free_blocks=64)]
+        for decode in decodes:
+            decode.reserve_delay_s = 0.2  # every request picks before any reservation returns
+        async with cluster(tokenizer, [FakePrefill(output_ids[0])], decodes, stats_poll_interval_s=5.0) as c:
+            await eventually(lambda: all(w.block_size for w in c.gateway.gateway.router.decodes.workers))
+            await asyncio.gather(*(drain(c.client.generate(PROMPT, request_id=f"r{i}")) for i in range(8)))
+            assert sorted(len(d.reserved) for d in decodes) == [4, 4]
+
+    run(body)
 
 
 def test_pool_prefers_fewest_in_flight_and_skips_workers_out_of_rotation():
