@@ -256,7 +256,7 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
                                 runs["mm_" + "_".join(f"{v}" for v in c.values())] = lambda c=c: _mm(x, args, c)
                     if m >= 2:
                         for c in MMT_CONFIGS:
-                            if c["mode"] != "codes" or (p.bits == 4 and p.offsets is not None):
+                            if c["mode"] != "codes" or qm.codes_fit(p.bits, p.group_size, p.offsets is not None):
                                 runs["mmt_" + "_".join(f"{v}" for v in c.values())] = lambda c=c: _mm_t(x, args, c)
                     runs["dq+gemm"] = lambda: x @ qm.dequantize(*args, x.dtype).t()
                     ref = x.float() @ p.dequantize().to(DEVICE).float().t()

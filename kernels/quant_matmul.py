@@ -540,6 +540,12 @@ def quant_mm(
     return out
 
 
+def codes_fit(bits: int, group: int, has_offsets: bool) -> bool:
+    """Whether quant_mm_t can put this weight's codes on the tensor cores as they are (`codes=True`):
+    4-bit codes with offsets, in groups of a multiple of 16 (a K step lies inside one group)."""
+    return bits == 4 and has_offsets and group % 16 == 0
+
+
 def quant_mm_t(
     x: torch.Tensor,  # [M, K]
     qweight: torch.Tensor,
@@ -567,13 +573,14 @@ def quant_mm_t(
         block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
     if block_n is None:
         block_n = 16 if interpreting() else 128
+    if codes:
+        assert codes_fit(bits, tile, offsets is not None), f"codes: 4-bit codes with offsets in groups of 16n, not {bits}-bit group {tile}"
     if block_w is None:
         block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(num_words, (16, 8, 4) if bits == 4 else (32, 16, 8))
-        if codes:
-            block_w = min(block_w, tile // 8)
+        if codes:  # a K step inside one group
+            block_w = next(w for w in (block_w, 8, 4, 2) if w <= block_w and tile % (8 * w) == 0)
     assert block_w * 32 // bits >= 16 and num_words % block_w == 0, f"K={k}: {num_words} words per row, block_w={block_w}"
-    if codes:
-        assert bits == 4 and offsets is not None and tile % (block_w * 8) == 0, "codes: 4-bit with offsets, K steps inside a group"
+    assert not codes or tile % (8 * block_w) == 0, f"codes: a K step of {8 * block_w} codes crosses a group of {tile}"
     steps = num_words // block_w
     grid_nm = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     if split_k is None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stageserve.kernels.quant_matmul import (
+    codes_fit,
     dequantize,
     dequantize_ref,
     gluon_supports,
@@ -91,8 +92,8 @@ MM_T_MODES = {"joins": {}, "gather": {"gather": True}, "codes": {"codes": True}}
 
 def mm_t_modes(fmt: str) -> list[str]:
     """The tile builders quant_mm_t offers this format: `codes` needs 4-bit codes with offsets."""
-    bits, _, has_offset, _ = FORMATS[fmt]
-    return [mode for mode in MM_T_MODES if mode != "codes" or (bits == 4 and has_offset)]
+    bits, group, has_offset, _ = FORMATS[fmt]
+    return [mode for mode in MM_T_MODES if mode != "codes" or codes_fit(bits, group or 0, has_offset)]
 
 
 @pytest.mark.parametrize(("m", "split_k"), [(1, 1), (5, 3), (33, 1)])

@@ -184,10 +184,14 @@ class PackedLinear(QuantizedLinear):
         from stageserve.kernels import quant_matmul as qm
 
         p = self.packed
+        codes = qm.codes_fit(p.bits, p.group_size, p.offsets is not None)
         kernels = {
             "gemv": lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits),
             "gemv_k": lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits, k_order=True),
             "mm": lambda x: qm.quant_mm(x, p.qweight, p.scales, p.offsets, p.bits),
+            # the weight tile in the MMA's rows (4-bit codes with the group scale after it), K split on narrow shapes
+            "mm_t": lambda x: qm.quant_mm_t(x, p.qweight, p.scales, p.offsets, p.bits, codes=codes),
+            "mm_t64": lambda x: qm.quant_mm_t(x, p.qweight, p.scales, p.offsets, p.bits, codes=codes, block_n=64, num_warps=4),
             # compute-bound: one dequantize pass, then the tensor-core GEMM
             "dequant": lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t(),
         }
