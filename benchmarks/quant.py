@@ -351,6 +351,9 @@ def decode_format(loaded, fmt, overrides, batches, ctx, iters, copy_bw, base_tps
             roofline = copy_bw / weight_bytes
             row |= {"roofline_tok_s": roofline, "pct_roofline": 100 * tps / roofline}
         log("decode", **row)
+    specs = {id(m.spec): m.spec for m in model.modules() if isinstance(m, (PackedLinear, Fp8Linear))}
+    for spec in specs.values():  # which kernel the tuner kept per shape and batch bucket
+        log("choices", fmt=fmt, kept=" ".join(f"{'x'.join(map(str, key[:-1]))}@{key[-1]}:{name}" for key, name in sorted(spec.choices.items(), key=str)))
     log("memory", fmt=fmt, projection_GiB=weight_bytes / 2**30, other_weights_GiB=other_bytes / 2**30,
         allocated_GiB=allocated / 2**30, kv_GiB=runner.kv_cache_bytes() / 2**30, build_s=time.monotonic() - t0)  # fmt: skip
     del runner, model
