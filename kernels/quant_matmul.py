@@ -502,6 +502,15 @@ def _block_w(num_words: int, choices) -> int:
     return next(w for w in choices if num_words % w == 0)
 
 
+def _mm_tiles(m: int, num_words: int, bits: int, block_m: int | None, block_w: int | None) -> tuple[int, int]:
+    """The tiled kernels' default batch rows and words per K step (small tiles on the interpreter)."""
+    if block_m is None:
+        block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
+    if block_w is None:
+        block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(num_words, (16, 8, 4) if bits == 4 else (32, 16, 8))
+    return block_m, block_w
+
+
 def quant_mm(
     x: torch.Tensor,  # [M, K]
     qweight: torch.Tensor,
@@ -520,12 +529,9 @@ def quant_mm(
     if m == 0:
         return out
     num_words = k * bits // 32
-    if block_m is None:
-        block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
+    block_m, block_w = _mm_tiles(m, num_words, bits, block_m, block_w)
     if block_n is None:  # small M is weight-bound: narrow tiles for more programs; large M: wider for reuse
         block_n = 16 if interpreting() else (64 if block_m <= 64 else 128)
-    if block_w is None:
-        block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(num_words, (16, 8, 4) if bits == 4 else (32, 16, 8))
     assert block_w * 32 // bits >= 16 and num_words % block_w == 0, f"K={k}: {num_words} words per row, block_w={block_w}"
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     words = _words(qweight)
@@ -569,16 +575,14 @@ def quant_mm_t(
     if m == 0:
         return out
     num_words = k * bits // 32
-    if block_m is None:
-        block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
-    if block_n is None:
-        block_n = 16 if interpreting() else 128
     if codes:
         assert codes_fit(bits, tile, offsets is not None), f"codes: 4-bit codes with offsets in groups of 16n, not {bits}-bit group {tile}"
-    if block_w is None:
-        block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(num_words, (16, 8, 4) if bits == 4 else (32, 16, 8))
-        if codes:  # a K step inside one group
-            block_w = next(w for w in (block_w, 8, 4, 2) if w <= block_w and tile % (8 * w) == 0)
+    auto_w = block_w is None
+    block_m, block_w = _mm_tiles(m, num_words, bits, block_m, block_w)
+    if codes and auto_w:  # a K step inside one group
+        block_w = next(w for w in (block_w, 8, 4, 2) if w <= block_w and tile % (8 * w) == 0)
+    if block_n is None:
+        block_n = 16 if interpreting() else 128
     assert block_w * 32 // bits >= 16 and num_words % block_w == 0, f"K={k}: {num_words} words per row, block_w={block_w}"
     assert not codes or tile % (8 * block_w) == 0, f"codes: a K step of {8 * block_w} codes crosses a group of {tile}"
     steps = num_words // block_w
