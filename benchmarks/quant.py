@@ -190,7 +190,7 @@ MMT_CONFIGS = [  # quant_mm_t: (mode, block_n, block_k, num_warps, num_stages, s
         ("codes", 128, 128, 8, 3, None), ("codes", 64, 128, 4, 3, None), ("codes", 128, 128, 8, 4, None),
         ("codes", 64, 128, 4, 4, None), ("codes", 128, 128, 8, 3, 1), ("codes", 64, 64, 4, 3, None),
         ("joins", 128, 128, 8, 3, None), ("joins", 64, 128, 4, 3, None), ("joins", 128, 128, 8, 3, 1),
-        ("gather", 64, 128, 4, 3, None), ("gather", 128, 128, 8, 3, None),
+        ("gather", 64, 128, 4, 3, None), ("gather", 128, 128, 8, 2, None),
     )
 ]  # fmt: skip
 

@@ -502,12 +502,15 @@ def _block_w(num_words: int, choices) -> int:
     return next(w for w in choices if num_words % w == 0)
 
 
-def _mm_tiles(m: int, num_words: int, bits: int, block_m: int | None, block_w: int | None) -> tuple[int, int]:
-    """The tiled kernels' default batch rows and words per K step (small tiles on the interpreter)."""
+def _mm_tiles(m: int, num_words: int, bits: int, x: torch.Tensor, block_m: int | None, block_w: int | None) -> tuple[int, int]:
+    """The tiled kernels' default batch rows and words per K step (small tiles on the interpreter). Float32
+    inputs take half the K step: three pipeline stages of 128-deep float32 tiles overflow Hopper's 227 KiB of
+    shared memory."""
     if block_m is None:
         block_m = 16 if interpreting() else min(128, max(16, next_pow2(m)))
     if block_w is None:
-        block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(num_words, (16, 8, 4) if bits == 4 else (32, 16, 8))
+        choices = (16, 8, 4) if bits == 4 else (32, 16, 8)
+        block_w = (4 if bits == 4 else 8) if interpreting() else _block_w(num_words, choices[x.element_size() // 4 :])
     return block_m, block_w
 
 
@@ -529,7 +532,7 @@ def quant_mm(
     if m == 0:
         return out
     num_words = k * bits // 32
-    block_m, block_w = _mm_tiles(m, num_words, bits, block_m, block_w)
+    block_m, block_w = _mm_tiles(m, num_words, bits, x, block_m, block_w)
     if block_n is None:  # small M is weight-bound: narrow tiles for more programs; large M: wider for reuse
         block_n = 16 if interpreting() else (64 if block_m <= 64 else 128)
     assert block_w * 32 // bits >= 16 and num_words % block_w == 0, f"K={k}: {num_words} words per row, block_w={block_w}"
@@ -578,7 +581,7 @@ def quant_mm_t(
     if codes:
         assert codes_fit(bits, tile, offsets is not None), f"codes: 4-bit codes with offsets in groups of 16n, not {bits}-bit group {tile}"
     auto_w = block_w is None
-    block_m, block_w = _mm_tiles(m, num_words, bits, block_m, block_w)
+    block_m, block_w = _mm_tiles(m, num_words, bits, x, block_m, block_w)
     if codes and auto_w:  # a K step inside one group
         block_w = next(w for w in (block_w, 8, 4, 2) if w <= block_w and tile % (8 * w) == 0)
     if block_n is None:
@@ -600,7 +603,7 @@ def quant_mm_t(
         BITS=bits, GROUP=tile, PER_CHANNEL=per_channel, HAS_OFFSET=offsets is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w, GATHER=gather, CODES=codes, **dot_flags(x.dtype),
         num_warps=num_warps or (1 if interpreting() else (8 if block_n >= 128 else 4)),
-        num_stages=num_stages or (1 if interpreting() else 3),
+        num_stages=num_stages or (1 if interpreting() else (2 if gather and block_m * block_n >= 128 * 128 else 3)),
     )  # fmt: skip
     if splits > 1:
         torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(dim=0))

@@ -12,8 +12,8 @@ which kernel runs is decided by the `QuantSpec`:
 
 Per shape (batch rows M of the step), PackedLinear picks among the GEMV kernels (M <= 8: every weight
 byte read once; the `tl` kernel's code planes or tiles dequantized into k order, and on the GPU the Gluon
-kernel with explicit layouts), the tiled fused kernel,
-and dequantize + cuBLAS. With `quant_dispatch="tune"` (the
+kernel with explicit layouts), the tiled fused kernels (`mm`, and `mm_t` with the weight tile in the
+MMA's rows), and dequantize + cuBLAS. With `quant_dispatch="tune"` (the
 default) each layer times the candidates the first time it sees a batch bucket (next power of two of M)
 and keeps the fastest; "fixed" uses the thresholds gemv_max_batch / fused_max_batch.
 On the CPU (cpu_kernels.py) a few rows in bfloat16 take PyTorch's packed int4/int8 weight-only kernels
@@ -26,6 +26,7 @@ group-aligned columns (`PackedWeight.narrow`), so a parallel linear can wrap `lo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -195,6 +196,8 @@ class PackedLinear(QuantizedLinear):
             # compute-bound: one dequantize pass, then the tensor-core GEMM
             "dequant": lambda x: x @ qm.dequantize(p.qweight, p.scales, p.offsets, p.bits, x.dtype).t(),
         }
+        if p.shape[1] % 64 == 0:  # whole 64-deep K steps
+            kernels["mm_k64"] = lambda x: qm.quant_mm(x, p.qweight, p.scales, p.offsets, p.bits, block_w=2 * p.bits)
         if qm.gluon_supports(p.qweight, p.scales, p.bits):
             from stageserve.kernels.quant_gemv_gluon import CONFIGS, TUNED
 
@@ -212,7 +215,8 @@ class PackedLinear(QuantizedLinear):
         from stageserve.kernels.quant_matmul import GEMV_MAX_M
 
         m, spec, p = x.shape[0], self.spec, self.packed
-        fixed = self._kernel_table()[2] if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else ("mm" if m <= spec.fused_max_batch else "dequant")
+        fused = "mm_t64" if p.bits == 4 else "mm"  # what the tuner kept most at batch 16-64 on an H100 (BENCHMARKS.md)
+        fixed = self._kernel_table()[2] if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else (fused if m <= spec.fused_max_batch else "dequant")
         key = (*p.shape, p.bits, p.group_size, _bucket(m))
         return _choose(spec, key, fixed, lambda: {k: f for k, f in self._kernels().items() if not k.startswith("gemv") or m <= GEMV_MAX_M}, x)
 
@@ -295,10 +299,19 @@ def _choose(spec: QuantSpec, key: tuple, fixed: str, candidates, x: torch.Tensor
     if spec.dispatch != "tune" or torch.cuda.is_current_stream_capturing():
         return spec.choices.get(key, fixed)
     if key not in spec.choices:
+        from triton.runtime.errors import OutOfResources
+
         from stageserve.kernels._common import cuda_graph_time  # timed in a graph: no launch costs, as in decode
 
-        kernels = candidates()
-        spec.choices[key] = min(kernels, key=lambda k: cuda_graph_time(lambda: kernels[k](x)))
+        times = {}
+        for name, kernel in candidates().items():
+            try:
+                times[name] = cuda_graph_time(functools.partial(kernel, x))
+            except OutOfResources:  # a launch configuration this GPU cannot hold (shared memory, registers)
+                continue
+        if not times:
+            raise RuntimeError(f"no quantized kernel can run shape {key} on this GPU")
+        spec.choices[key] = min(times, key=times.get)
     return spec.choices[key]
 
 
