@@ -125,8 +125,10 @@ class EngineConfig:
                   "dispatch, PyTorch's packed kernels on the CPU", "min": 0, "max": 8},
     )  # fmt: skip
     quant_fused_max_batch: int = field(
-        default=64, metadata={"help": "largest batch run by the tiled fused kernel; above it dequantize + GEMM", "min": 0}
-    )
+        default=64,
+        metadata={"help": "largest batch run by the tiled fused kernels under fixed dispatch (mm_t for 4-bit "
+                  "weights, mm for 8-bit); above it dequantize + GEMM", "min": 0},
+    )  # fmt: skip
     quant_cpu_kernels: Literal["auto", "reference"] = field(
         default="auto",
         metadata={"help": "quantized layers on the CPU: auto (bfloat16 batches of up to quant_gemv_max_batch rows "
