@@ -219,7 +219,9 @@ OVERSUB_BLOCK_SIZE = 16
 OVERSUB_DECODE_BLOCKS = 8  # 4 sequences of 2 blocks each (a prompt of ~10 tokens + 16 generated)
 OVERSUB_MAX_TOKENS = 16
 OVERSUB_REQUESTS = 16  # 4x what the decode pool holds at once
-OVERSUB_TIMEOUT_S = 15  # one call; 4 sequences at a time take a few seconds on 2 cores
+# One call: a hang guard, not a speed bound. An admitted call may wait out two rounds of the pool: 3-6 s alone on
+# 2 cores, up to 11 s beside two busy processes (2026-12-05); 15 s was exceeded once in a loaded CI run.
+OVERSUB_TIMEOUT_S = 60
 
 
 def test_four_times_the_decode_pool_all_complete_equal_to_the_engine_alone(make_engine, tokenizer):
@@ -240,7 +242,7 @@ def test_four_times_the_decode_pool_all_complete_equal_to_the_engine_alone(make_
 
             async def one(i: int):
                 # RESOURCE_EXHAUSTED means "try later" (README, errors.py): a client that honours it must get through.
-                for _ in range(400):
+                while time.monotonic() - start < 5 * OVERSUB_TIMEOUT_S:
                     try:
                         return await collect(s.stub, prompts[i], greedy(OVERSUB_MAX_TOKENS), timeout=OVERSUB_TIMEOUT_S)
                     except grpc.aio.AioRpcError as exc:
@@ -248,7 +250,7 @@ def test_four_times_the_decode_pool_all_complete_equal_to_the_engine_alone(make_
                             return exc.code().name, None
                         retries[i] += 1
                         await asyncio.sleep(0.05)
-                return "refused 400 times", None
+                return "refused until the test gave up", None
 
             start = time.monotonic()
             results = await asyncio.gather(*(one(i) for i in range(OVERSUB_REQUESTS)))
