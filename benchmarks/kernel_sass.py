@@ -3,7 +3,7 @@ layout conversions, registers. Triton compiles for sm_90a here (its bundled ptxa
 change can be judged by its SASS before it costs device time.
 
     python benchmarks/kernel_sass.py                       # int4 g128 and int8, both GEMV forms, batch 1
-    python benchmarks/kernel_sass.py --gluon               # the Gluon GEMV (batch 1, 2) and 4-bit tensor-core kernel (16)
+    python benchmarks/kernel_sass.py --gluon               # the Gluon GEMV (batch 1, 2), 4-bit tensor-core kernels (8, 16)
     python benchmarks/kernel_sass.py --bits 4 --block-n 8 --block-w 128 --dump /tmp/sass
 
 Per variant: instructions in the hottest loop and per code (weight element) it handles, global loads by
@@ -53,15 +53,18 @@ def compile_gluon(bits: int, block_m: int, config):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 
 
-def compile_gluon_mm(group: int, block_mb: int, config):
+def compile_gluon_mm(group: int, block_mb: int, config, tiles: bool = False):
+    """quant_mm_gluon's kernel, or with `tiles` quant_tc_tiles's (the weights in the tile layout)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from stageserve.kernels import quant_mm_gluon as qmg
+    from stageserve.kernels import quant_mm_gluon as qmg, quant_tc_tiles as qt
 
-    constexprs = {"GROUP": group, "BLOCK_N": config.block_n, "BLOCK_MB": block_mb, "BLOCK_K": qmg.step_k(group)}
+    module = qt if tiles else qmg
+    constexprs = {"GROUP": group, "BLOCK_N": config.block_n, "BLOCK_MB": block_mb, "BLOCK_K": module.step_k(group)}
     signature = SIGNATURE | {"steps_per_split": "i32", "stride_split": "i32"} | {name: "constexpr" for name in constexprs}
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9)}  # pointers, K, row strides
-    src = GluonASTSource(fn=qmg._quant_mm_gluon_kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    kernel = qt._tc_tiles_kernel if tiles else qmg._quant_mm_gluon_kernel
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 
 
@@ -137,6 +140,12 @@ def main() -> None:
             tc = TC[0]
             codes = tc.block_n * min(group, 128) // (32 * tc.num_warps)
             print(report(f"tc_g{group}_mb16_{tc.label()}", compile_gluon_mm(group, 16, tc), codes, args.dump), flush=True)
+        from stageserve.kernels.quant_tc_tiles import CONFIGS as TILES
+
+        for tiles in TILES[:4]:  # the tile layout (INT4 g128), batch 1 (padded to 8) and 16
+            codes = tiles.block_n * 128 // (32 * tiles.num_warps)
+            for block_mb in (8, 16):
+                print(report(f"tiles_g128_mb{block_mb}_{tiles.label()}", compile_gluon_mm(128, block_mb, tiles, tiles=True), codes, args.dump), flush=True)
         return
     for bits in args.bits:
         for form in ("planes", "korder"):

@@ -11,7 +11,8 @@ Phases (rows print as they go; everything lands in OUT/quant.json):
   sweep     the kernels' launch configurations per shape and batch (GEMV rows per program and tile, the
             fused kernel's tiles, FP8 GEMV vs _scaled_mm), against bf16 F.linear: what the defaults are set from
   decode    dummy:llama-3-8b per format: one decode step (CUDA graph, Triton attention, 128-token contexts)
-            at batch 1/16/64/256: tok/s, batch-1 % of the weight-byte roofline, weight and KV memory
+            at batch 1/16/64/256: tok/s, batch-1 % of the weight-byte roofline, weight and KV memory;
+            with --profile 1,256 those batches' steps broken down per kernel (torch.profiler)
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ FORMATS = {
     "bf16": {},
     "int8": {"quantization": "int8"},
     "int4": {"quantization": "int4", "quant_group_size": 128},
+    "int4-tiles": {"quantization": "int4", "quant_group_size": 128, "quant_int4_layout": "tiles"},
     "gguf-q4_1": {"quantization": "gguf", "gguf_quant_type": "q4_1"},
     "gguf-q8_0": {"quantization": "gguf", "gguf_quant_type": "q8_0"},
     "fp8": {"quantization": "fp8", "fp8_scaling": "channel"},
@@ -258,6 +260,13 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
                         for c in MMT_CONFIGS:
                             if c["mode"] != "codes" or qm.codes_fit(p.bits, p.group_size, p.offsets is not None):
                                 runs["mmt_" + "_".join(f"{v}" for v in c.values())] = lambda c=c: _mm_t(x, args, c)
+                    if ON_GPU and qm.tiles_supports(n, k, p.group_size, p.bits, p.offsets is not None):
+                        from stageserve.kernels.quant_ref import tile_int4
+                        from stageserve.kernels.quant_tc_tiles import CONFIGS as TILE_CONFIGS
+
+                        tiles = tile_int4(p.qweight)
+                        for c in TILE_CONFIGS:
+                            runs[c.label()] = lambda c=c, tiles=tiles: qm.quant_mm_tiles(x, tiles, p.scales, p.offsets, config=c)
                     runs["dq+gemm"] = lambda: x @ qm.dequantize(*args, x.dtype).t()
                     ref = x.float() @ p.dequantize().to(DEVICE).float().t()
                 if kernels:
@@ -265,7 +274,7 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
                 times = {}
                 for v, fn in runs.items():
                     try:
-                        if v.startswith("mmt_") and (err := rel_error(fn(), ref)) > 2e-2:
+                        if v.startswith(("mmt_", "tiles_")) and (err := rel_error(fn(), ref)) > 2e-2:
                             log("sweep_error", shape=name, fmt=fmt, batch=m, variant=v, error=f"relative error {err:.3g}")
                             continue
                         times[v] = timed(fn, iters)
@@ -338,6 +347,8 @@ def decode_format(loaded, fmt, overrides, batches, ctx, iters, copy_bw, base_tps
                 with torch.cuda.graph(graph):
                     step()
                 step_s = event_time(graph.replay, iters)
+                if PROFILE_BATCHES and batch in PROFILE_BATCHES:
+                    profile_step(fmt, batch, graph.replay, step_s, step)
                 del graph
             else:
                 step_s = timed(step, iters)
@@ -357,6 +368,36 @@ def decode_format(loaded, fmt, overrides, batches, ctx, iters, copy_bw, base_tps
     log("memory", fmt=fmt, projection_GiB=weight_bytes / 2**30, other_weights_GiB=other_bytes / 2**30,
         allocated_GiB=allocated / 2**30, kv_GiB=runner.kv_cache_bytes() / 2**30, build_s=time.monotonic() - t0)  # fmt: skip
     del runner, model
+
+
+PROFILE_BATCHES: set[int] = set()  # --profile: decode batches whose graph replay is broken down per kernel
+
+
+def profile_step(fmt: str, batch: int, replay, step_s: float, eager, replays: int = 10) -> None:
+    """GPU time per kernel name in one decode step (torch.profiler over graph replays, or over eager steps
+    where this CUPTI does not see into graphs), and the gaps between kernels (step time minus the kernels'
+    sum): which part of the step each format spends its time in."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_name: dict[str, list[float]] = {}
+    for source, fn in (("graph", replay), ("eager", eager)):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                fn()
+            torch.cuda.synchronize()
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in e.name:
+                per_name.setdefault(e.name, []).append(e.device_time_total)  # us
+        if per_name:
+            break
+    rows = sorted(((sum(t) / replays, len(t) // replays, n) for n, t in per_name.items()), reverse=True)
+    kernels_us = sum(us for us, _, _ in rows)
+    log("profile", fmt=fmt, batch=batch, source=source, step_us=step_s * 1e6, kernels_us=kernels_us,
+        gaps_us=step_s * 1e6 - kernels_us, kernels_per_step=sum(c for _, c, _ in rows))  # fmt: skip
+    for us, calls, name in rows[:14]:
+        log("profile", fmt=fmt, batch=batch, us_per_step=us, calls=calls, us_per_call=us / max(calls, 1), kernel=name[:90])
 
 
 def summary() -> None:
@@ -391,7 +432,10 @@ def main() -> int:
                         help="decode phase: the engine's tuner times the first N Gluon GEMV configurations (default its TUNED)")
     parser.add_argument("--sweep-kernels", default=None,
                         help="sweep phase: only variants whose names start with one of these (comma-separated)")
+    parser.add_argument("--profile", default="",
+                        help="decode phase: batch sizes (comma-separated) whose step is broken down per kernel")
     args = parser.parse_args()
+    PROFILE_BATCHES.update(int(b) for b in args.profile.split(",") if b)
     phases = set(args.phases.split(","))
     for name in [f for f in FORMATS if f not in args.formats.split(",")]:
         del FORMATS[name]

@@ -16,6 +16,8 @@ and GGUF Q8_0 (group 32):
     dequantize  the weight in the activation dtype, for the dequantize + cuBLAS GEMM fallback at large batch.
     quant_gemv_gluon, quant_mm_gluon   CUDA only: the GEMV with explicit register layouts (quant_gemv_gluon.py)
                 and 4-bit codes on tensor cores (quant_mm_gluon.py); the engine's tuner times them with the rest.
+    quant_mm_tiles   CUDA only: INT4 on tensor cores from weights re-laid at load in the MMA's fragment order
+                (quant_ref.tile_int4, quant_tc_tiles.py), at any batch.
 
 Code p of word j of a row is element PER * j + p (PER = 8 nibbles or 4 bytes a word), so a "plane" (code p
 of every word in a tile) meets the inputs x[PER * j + p]: strided loads of x, which are few (x is tiny
@@ -495,6 +497,48 @@ def mm_gluon_supports(qweight: torch.Tensor, scales: torch.Tensor, offsets, bits
         return False
     fit = _gluon_fit(qweight, scales, bits)
     return fit is not None and offsets is not None and qmg.supports(*fit, bits)
+
+
+def quant_mm_tiles(
+    x: torch.Tensor,  # [M, K]
+    tiles: torch.Tensor,  # int32 [N // 16, 2 K]: quant_ref.tile_int4 of the 4-bit codes
+    scales: torch.Tensor,  # [N, K // group]
+    offsets: torch.Tensor,  # [N, K // group]
+    *,
+    config=None,  # a quant_tc_tiles.TileMmaConfig; default its CONFIGS[0]
+    out: torch.Tensor | None = None,  # [M, N]
+) -> torch.Tensor:  # [M, N]
+    """INT4 with offsets on tensor cores from the tile layout (kernels/quant_tc_tiles.py), any batch. CUDA
+    only; `tiles_supports` says whether a weight fits."""
+    from stageserve.kernels import quant_tc_tiles as qt
+
+    m, k = x.shape
+    device = x.device
+    check_launch_device(device)
+    assert gluon_capable(device), "quant_mm_tiles needs a CUDA device of compute capability >= 8.0"
+    check_tensor(x, "x", shape=(m, k), dtypes=FLOAT_DTYPES, device=device)
+    n = tiles.shape[0] * 16
+    check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
+    check_tensor(scales, "scales", shape=(n, scales.shape[1]), dtypes=SCALE_DTYPES, device=device)
+    check_tensor(offsets, "offsets", shape=tuple(scales.shape), dtypes=(scales.dtype,), device=device)
+    group = k // scales.shape[1]
+    assert qt.supports(n, k, group, 4, True), f"quant_mm_tiles: N={n}, K={k}, group {group} does not fit"
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=device)
+    check_tensor(out, "out", shape=(m, n), dtypes=(x.dtype,), device=device)
+    if m:
+        qt.launch(x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group, config=config or qt.CONFIGS[0],
+                  sms=num_sms(device))  # fmt: skip
+    return out
+
+
+def tiles_supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
+    """Whether quant_mm_tiles can run such a weight (and this Triton has Gluon: 3.4 on)."""
+    try:
+        from stageserve.kernels import quant_tc_tiles as qt
+    except ImportError:
+        return False
+    return qt.supports(n, k, group, bits, has_offsets)
 
 
 def _block_w(num_words: int, choices) -> int:

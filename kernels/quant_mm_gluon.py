@@ -137,17 +137,23 @@ def split_k(programs: int, steps: int, sms: int) -> int:
 
 
 def launch(x, words, scales, offsets, out, *, m, n, k, group, config: GluonMmaConfig, sms: int) -> None:
-    """Launch on prepared tensors (quant_matmul.quant_mm_gluon checks them). With K split, the programs write
-    float32 partial sums to a workspace that one sum reduces (in a fixed order: deterministic)."""
+    """Launch on prepared tensors (quant_matmul.quant_mm_gluon checks them)."""
+    launch_split_k(_quant_mm_gluon_kernel, x, words, scales, offsets, out, m=m, n=n, k=k, group=group,
+                   block_k=step_k(group), config=config, sms=sms)  # fmt: skip
+
+
+def launch_split_k(kernel, x, words, scales, offsets, out, *, m, n, k, group, block_k, config, sms: int) -> None:
+    """Launch a weight-tile-as-A kernel (this one's arguments, a config with block_n, num_warps and split_k)
+    over [N / block_n, M / block_mb, K splits]. With K split, the programs write float32 partial sums to a
+    workspace that one sum reduces (in a fixed order: deterministic)."""
     mb = block_mb(m, config)
-    block_k = step_k(group)
     grid_nm = (triton.cdiv(n, config.block_n), triton.cdiv(m, mb))
     steps = k // block_k
     splits = split_k(grid_nm[0] * grid_nm[1], steps, sms) if config.split_k is None else config.split_k
     per_split = triton.cdiv(steps, splits)
     splits = triton.cdiv(steps, per_split)
     dst = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=out.device)
-    _quant_mm_gluon_kernel[(*grid_nm, splits)](
+    kernel[(*grid_nm, splits)](
         x, words, scales, offsets, dst, m, n, k,
         x.stride(0), words.stride(0), scales.stride(0), dst.stride(-2), per_split, dst.stride(0) if splits > 1 else 0,
         GROUP=group, BLOCK_N=config.block_n, BLOCK_MB=mb, BLOCK_K=block_k,

@@ -34,3 +34,33 @@ def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.T
 def quant_matmul_ref(x: torch.Tensor, qweight, scales, offsets, bits: int) -> torch.Tensor:
     """Dequantize, then matmul in float32: [M, K] -> [M, N] in x's dtype. The CPU execution path."""
     return (x.float() @ dequantize_ref(qweight, scales, offsets, bits).t()).to(x.dtype)
+
+
+# ---- the tensor cores' tile layout of 4-bit weights (kernels/quant_tc_tiles.py) --------------------------------
+#
+# mma.sync m16n8k16 gives lane l (g = l // 4, t = l % 4) eight values of each 16 x 16 A tile: rows g + 8r,
+# columns 2t + 8c + e (r, c, e in 0..1), as four bf16 pairs R_s, s = r + 2c, the e = 0 value in the low half.
+# One 32-bit word per lane and tile holds those eight codes, nibble s + 4e = code (r, c, e), so that
+# ((word >> 4s) & 0x000F000F) | 0x43004300 is R_s as the two bfloat16 values 128 + q. A 16-row stripe stores,
+# per 64 columns, 32 lanes x 4 tiles along k: a lane's 16-byte load holds its words of four consecutive tiles.
+TILE_ROWS, TILE_COLS = 16, 64
+
+
+def tile_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] (unpack_int4's layout) -> int32 [N // 16, 2 K] in the tile layout above."""
+    q = unpack_int4(qweight).to(torch.int64)
+    n, k = q.shape
+    if n % TILE_ROWS or k % TILE_COLS:
+        raise ValueError(f"the tile layout needs N % {TILE_ROWS} == 0 and K % {TILE_COLS} == 0, got N={n}, K={k}")
+    # [I, r, g, J, jj, c, t, e] -> [I, J, g, t, jj, e, c, r]: nibble e * 4 + c * 2 + r of word (I, J, lane, jj)
+    q = q.view(n // 16, 2, 8, k // 64, 4, 2, 4, 2).permute(0, 3, 2, 6, 4, 7, 5, 1).reshape(n // 16, -1, 8)
+    words = (q << (4 * torch.arange(8, device=q.device))).sum(dim=-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def untile_int4(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of `tile_int4`: int32 [N // 16, 2 K] -> uint8 [N, K // 2]."""
+    words = tiles.to(torch.int64).view(n // 16, k // 64, 8, 4, 4, 1)
+    q = (words >> (4 * torch.arange(8, device=words.device))) & 0xF  # [I, J, g, t, jj, (e, c, r)]
+    q = q.view(n // 16, k // 64, 8, 4, 4, 2, 2, 2).permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(n, k)
+    return pack_int4(q)

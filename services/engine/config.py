@@ -129,6 +129,12 @@ class EngineConfig:
         metadata={"help": "largest batch run by the tiled fused kernels under fixed dispatch (mm_t for 4-bit "
                   "weights, mm for 8-bit); above it dequantize + GEMM", "min": 0},
     )  # fmt: skip
+    quant_int4_layout: Literal["rows", "tiles"] = field(
+        default="rows",
+        metadata={"help": "4-bit weights with offsets (int4, gguf q4_0/q4_1) on a CUDA GPU: rows (the layout every "
+                  "kernel reads) or tiles (re-laid at load in the tensor cores' fragment order; quant_mm_tiles runs "
+                  "every batch, dequantize + GEMM the tuner's fallback; same bytes). Shapes that do not fit stay rows"},
+    )  # fmt: skip
     quant_cpu_kernels: Literal["auto", "reference"] = field(
         default="auto",
         metadata={"help": "quantized layers on the CPU: auto (bfloat16 batches of up to quant_gemv_max_batch rows "

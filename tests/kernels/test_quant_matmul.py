@@ -22,8 +22,11 @@ from stageserve.kernels.quant_matmul import (
     quant_matmul_ref,
     quant_mm,
     quant_mm_t,
+    quant_mm_tiles,
+    tiles_supports,
     unpack_int4,
 )
+from stageserve.kernels.quant_ref import tile_int4, untile_int4
 from stageserve.kernels.testing import TOLERANCE, rel_error
 
 # name: (bits, group or None for per-channel, has offsets, scale dtype)
@@ -193,3 +196,63 @@ def test_quant_mm_gluon(device, gen, fmt, m, nk):
     ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
     for config in CONFIGS:
         assert rel_error(quant_mm_gluon(x, qweight, scales, offsets, bits, config=config), ref) < TOLERANCE[torch.bfloat16], config
+
+
+# ---- the tile layout (quant_ref.tile_int4) and its tensor-core kernel (quant_tc_tiles.py) ---------------------
+
+
+def test_tile_layout_roundtrip_and_fragments(gen):
+    """Each lane's word of each 16 x 16 tile holds its mma.sync A-fragment codes: nibble s + 4e is row
+    g + 8 (s % 2), column 2t + 8 (s // 2) + e of the tile, lane 4g + t; untile_int4 inverts tile_int4."""
+    n, k = 48, 192
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32).to(torch.uint8)
+    tiles = tile_int4(pack_int4(q))
+    assert tiles.shape == (n // 16, 2 * k) and tiles.dtype == torch.int32
+    assert torch.equal(untile_int4(tiles, n, k), pack_int4(q))
+    words = tiles.view(n // 16, k // 64, 32, 4).to(torch.int64) & 0xFFFFFFFF  # [stripe, 64 columns, lane, tile]
+    for i, j, lane in [(0, 0, 0), (2, 11, 31), (1, 5, 13), (2, 8, 6)]:
+        g, t = divmod(lane, 4)
+        word = words[i, j // 4, lane, j % 4].item()
+        for s in range(4):
+            for e in range(2):
+                assert (word >> 4 * (s + 4 * e)) & 0xF == q[16 * i + g + 8 * (s % 2), 16 * j + 2 * t + 8 * (s // 2) + e]
+
+
+def test_tile_kernel_unpack_order(gen):
+    """The kernel's unpacking (shift and mask per register, joins, the permute and reshape into [rows, k]),
+    replayed with torch ops on one program's words: it must give 128 + q in row and k order."""
+    block_n, block_k = 32, 128
+    q = torch.randint(0, 16, (block_n, block_k), generator=gen, dtype=torch.int32).to(torch.uint8)
+    w = tile_int4(pack_int4(q)).view(block_n // 16, block_k // 64, 8, 4, 4)  # [TI, TJ, g, t, jj] as loaded
+    regs = [((w >> 4 * s) & 0x000F000F) | 0x43004300 for s in range(4)]
+    join = lambda a, b: torch.stack((a, b), dim=-1)  # noqa: E731  (gl.join: a new last axis)
+    regs = join(join(regs[0], regs[1]), join(regs[2], regs[3]))  # [TI, TJ, g, t, jj, r, c]
+    lo, hi = (regs & 0xFFFF).to(torch.int16), (regs >> 16).to(torch.int16)
+    v = join(lo, hi).view(torch.bfloat16)  # [TI, TJ, g, t, jj, r, c, e]
+    a = v.permute(0, 5, 2, 1, 4, 6, 3, 7).reshape(block_n, block_k)
+    assert torch.equal(a.float(), 128 + q.float())
+
+
+def test_tile_layout_needs_whole_tiles():
+    with pytest.raises(ValueError, match="N % 16"):
+        tile_int4(torch.zeros(40, 64, dtype=torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 64, 100, 256])
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g64"])
+@pytest.mark.parametrize("nk", [(6144, 4096), (960, 576), (4096, 14336)])
+def test_quant_mm_tiles(device, gen, fmt, m, nk):
+    """INT4 from the tile layout against the reference, every launch configuration, batches that are and are
+    not multiples of the MMA's 8 columns, narrow (split K) and SmolLM2-sized shapes."""
+    from stageserve.kernels.quant_tc_tiles import CONFIGS
+
+    n, k = nk
+    qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
+    if not tiles_supports(n, k, k // scales.shape[1], bits, True):
+        pytest.skip(f"{fmt} N={n} K={k}: not whole tiles")
+    tiles = tile_int4(qweight.cpu()).to(device)
+    x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
+    ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
+    for config in CONFIGS:
+        assert rel_error(quant_mm_tiles(x, tiles, scales, offsets, config=config), ref) < TOLERANCE[torch.bfloat16], config

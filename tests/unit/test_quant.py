@@ -222,6 +222,42 @@ def test_packed_linear_on_the_gpu_tunes_among_kernels_that_agree(method):
     assert set(layer.spec.choices.values()) <= names
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["int4", "gguf"])
+def test_int4_tiles_layout_on_the_gpu_runs_tile_kernels_that_agree(method):
+    """quant_int4_layout="tiles": a 4-bit weight with offsets is re-laid at load (same bytes) and every batch
+    runs the tile kernels or dequantize + GEMM; Q4 blocks (group 32) do not fit and stay in rows."""
+    device = torch.device("cuda")
+    layer = make_linear(576, 1536, False, QuantSpec(method=method, int4_layout="tiles"))
+    w = weight(1536, 576)
+    layer.load(w, device)
+    tiled = method == "int4"
+    assert layer.packed.layout == ("tiles" if tiled else "rows")
+    assert layer.weight_bytes() == make_linear(576, 1536, False, QuantSpec(method=method)).quantize(w).nbytes
+    names = set(layer._kernels())
+    assert all(n.startswith("tc_tiles") or n == "dequant" for n in names) == tiled
+    deq = layer.dequantized_weight()
+    for m in (1, 3, 16, 64, 256):
+        x = torch.randn(m, 576, device=device, dtype=torch.bfloat16)
+        out = layer(x).float()
+        ref = x.float() @ deq.t()
+        assert ((out - ref).norm() / ref.norm()).item() < 1.2e-2, (m, layer.spec.choices)
+
+
+def test_tiled_weight_dequantizes_like_its_rows_and_refuses_to_shard():
+    p = quantize_int4(weight(48, 256), 64)
+    t = p.tiled()
+    assert (t.layout, t.shape, t.nbytes, t.group_size) == ("tiles", p.shape, p.nbytes, 64)
+    assert torch.equal(t.dequantize(), p.dequantize())
+    assert torch.equal(t.rows_qweight(), p.qweight)
+    with pytest.raises(ValueError, match="shard first"):
+        t.narrow(0, 0, 16)
+    assert cat_rows([t, t]) is None
+    cpu_layer = make_linear(256, 48, False, QuantSpec(method="int4", group_size=64, int4_layout="tiles"))
+    cpu_layer.load(weight(48, 256), torch.device("cpu"))
+    assert cpu_layer.packed.layout == "rows"  # tiles are for the GPU's kernels
+
+
 def test_fp8_kv_cache_stores_scaled_bytes_and_reads_them_back():
     cache = torch.zeros(2, 4, 4, 2, 8, dtype=FP8_KV_DTYPE)
     k, v = torch.randn(3, 2, 8) * 5, torch.randn(3, 2, 8)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stageserve.kernels.quant_ref import dequantize_ref, pack_int4
+from stageserve.kernels.quant_ref import dequantize_ref, pack_int4, tile_int4, untile_int4
 
 GGUF_TYPES = ("q4_0", "q4_1", "q8_0")
 GGUF_GROUP = 32
@@ -38,9 +38,14 @@ class PackedWeight:
     offsets: torch.Tensor | None  # like scales, or None
     bits: int
     fmt: str  # "int8", "int4", "q4_0", ... (for reporting; the math depends only on the tensors)
+    # "rows" (above), or "tiles": 4-bit codes as int32 [N // 16, 2 K] in the tensor cores' fragment order
+    # (quant_ref.tile_int4), made last at load (after fusing and sharding) for kernels/quant_tc_tiles.py
+    layout: str = "rows"
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.layout == "tiles":
+            return self.qweight.shape[0] * 16, self.qweight.shape[1] // 2
         return self.qweight.shape[0], self.qweight.shape[1] * (8 // self.bits)
 
     @property
@@ -52,16 +57,27 @@ class PackedWeight:
         tensors = [self.qweight, self.scales] + ([self.offsets] if self.offsets is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def rows_qweight(self) -> torch.Tensor:
+        """The codes in the rows layout, whichever layout holds them."""
+        return untile_int4(self.qweight, *self.shape) if self.layout == "tiles" else self.qweight
+
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]."""
-        return dequantize_ref(self.qweight, self.scales, self.offsets, self.bits)
+        return dequantize_ref(self.rows_qweight(), self.scales, self.offsets, self.bits)
+
+    def tiled(self) -> PackedWeight:
+        """The same 4-bit weight in the "tiles" layout (N a multiple of 16, K of 64)."""
+        assert self.bits == 4 and self.layout == "rows", "only 4-bit weights in rows tile"
+        return PackedWeight(tile_int4(self.qweight), self.scales, self.offsets, self.bits, self.fmt, "tiles")
 
     def to(self, device: torch.device) -> PackedWeight:
         move = lambda t: None if t is None else t.to(device).contiguous()  # noqa: E731
-        return PackedWeight(move(self.qweight), move(self.scales), move(self.offsets), self.bits, self.fmt)
+        return PackedWeight(move(self.qweight), move(self.scales), move(self.offsets), self.bits, self.fmt, self.layout)
 
     def narrow(self, dim: int, start: int, length: int) -> PackedWeight:
         """Rows (dim 0: a column-parallel shard) or input columns (dim 1: a row-parallel shard) of the weight."""
+        if self.layout != "rows":
+            raise ValueError("a tiled weight does not shard: shard first, then tile")
         if dim == 0:
             take = lambda t: None if t is None else t[start : start + length].contiguous()  # noqa: E731
             return PackedWeight(take(self.qweight), take(self.scales), take(self.offsets), self.bits, self.fmt)
@@ -80,7 +96,7 @@ def cat_rows(parts: list[PackedWeight]) -> PackedWeight | None:
     """Stack weights along N (the fused q/k/v and gate/up projections); None if their layouts differ."""
     first = parts[0]
     same = all(
-        p.bits == first.bits and p.shape[1] == first.shape[1] and p.group_size == first.group_size
+        p.layout == "rows" and p.bits == first.bits and p.shape[1] == first.shape[1] and p.group_size == first.group_size
         and (p.offsets is None) == (first.offsets is None) and p.scales.dtype == first.scales.dtype
         for p in parts
     )  # fmt: skip

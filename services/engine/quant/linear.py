@@ -65,6 +65,7 @@ class QuantSpec:
     quantize_lm_head: bool = True
     tied_head_int8: bool = False  # a tied head (under a packed method) computes logits from an INT8 copy
     cpu_kernels: str = "auto"  # "auto" (PyTorch's packed kernels for small bf16 batches) or "reference"
+    int4_layout: str = "rows"  # "rows" or "tiles" (4-bit weights with offsets, on CUDA)
 
     @classmethod
     def from_engine_config(cls, config, device: torch.device, dtype: torch.dtype) -> QuantSpec:
@@ -78,6 +79,7 @@ class QuantSpec:
             gemv_max_batch=config.quant_gemv_max_batch, fused_max_batch=config.quant_fused_max_batch,
             dispatch=config.quant_dispatch,
             quantize_lm_head=config.quantize_lm_head, cpu_kernels=config.quant_cpu_kernels,
+            int4_layout=config.quant_int4_layout,
             tied_head_int8=config.quantize_lm_head and tied == "int8" and config.quantization in PACKED_METHODS,
         )  # fmt: skip
 
@@ -141,14 +143,23 @@ class PackedLinear(QuantizedLinear):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ModelLoadError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
         if isinstance(weight, PackedWeight):
-            self.packed = weight.to(device)
+            self.packed = self._laid_out(weight.to(device))
         elif self.spec.awq:
             self.pending = weight.to(device, torch.float32)
         else:
-            self.packed = self.quantize(weight.to(device)).to(device)
+            self.packed = self._laid_out(self.quantize(weight.to(device)).to(device))
 
     def set_packed(self, packed: PackedWeight, input_scale: torch.Tensor | None) -> None:
-        self.packed, self.input_scale, self.pending, self._cpu = packed, input_scale, None, None
+        self.packed, self.input_scale, self.pending, self._cpu = self._laid_out(packed), input_scale, None, None
+
+    def _laid_out(self, p: PackedWeight) -> PackedWeight:
+        """The weight in the layout its kernels read: "tiles" where the spec asks for it and it fits (4-bit
+        with offsets, on CUDA, whole 16 x 64 tiles), else as it came."""
+        if self.spec.int4_layout != "tiles" or p.qweight.device.type != "cuda" or p.bits != 4 or p.offsets is None:
+            return p
+        from stageserve.kernels import quant_matmul as qm
+
+        return p.tiled() if qm.tiles_supports(*p.shape, p.group_size, p.bits, True) else p
 
     def weight_bytes(self) -> int:
         extra = 0 if self.input_scale is None else self.input_scale.numel() * self.input_scale.element_size()
@@ -185,6 +196,14 @@ class PackedLinear(QuantizedLinear):
         from stageserve.kernels import quant_matmul as qm
 
         p = self.packed
+        if p.layout == "tiles":
+            from stageserve.kernels.quant_tc_tiles import CONFIGS as TILE_CONFIGS
+
+            kernels = {f"tc_{c.label()}": lambda x, c=c: qm.quant_mm_tiles(x, p.qweight, p.scales, p.offsets, config=c)
+                       for c in TILE_CONFIGS}  # fmt: skip
+            kernels["dequant"] = lambda x: x @ qm.dequantize(p.rows_qweight(), p.scales, p.offsets, p.bits, x.dtype).t()
+            self._table = (p, kernels, next(iter(kernels)))
+            return self._table
         codes = qm.codes_fit(p.bits, p.group_size, p.offsets is not None)
         kernels = {
             "gemv": lambda x: qm.quant_gemv(x, p.qweight, p.scales, p.offsets, p.bits),
@@ -215,9 +234,12 @@ class PackedLinear(QuantizedLinear):
         from stageserve.kernels.quant_matmul import GEMV_MAX_M
 
         m, spec, p = x.shape[0], self.spec, self.packed
-        fused = "mm_t64" if p.bits == 4 else "mm"  # what the tuner kept most at batch 16-64 on an H100 (BENCHMARKS.md)
-        fixed = self._kernel_table()[2] if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else (fused if m <= spec.fused_max_batch else "dequant")
-        key = (*p.shape, p.bits, p.group_size, _bucket(m))
+        if p.layout == "tiles":
+            fixed = self._kernel_table()[2] if m <= spec.fused_max_batch else "dequant"
+        else:
+            fused = "mm_t64" if p.bits == 4 else "mm"  # what the tuner kept most at batch 16-64 on an H100 (BENCHMARKS.md)
+            fixed = self._kernel_table()[2] if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else (fused if m <= spec.fused_max_batch else "dequant")
+        key = (*p.shape, p.bits, p.group_size, p.layout, _bucket(m))
         return _choose(spec, key, fixed, lambda: {k: f for k, f in self._kernels().items() if not k.startswith("gemv") or m <= GEMV_MAX_M}, x)
 
 

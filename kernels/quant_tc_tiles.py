@@ -1,0 +1,138 @@
+"""4-bit weights on tensor cores from the tile layout (Gluon, mma.sync m16n8k16 in bfloat16), batch 1 up.
+
+`out[M, N] = x[M, K] @ dequant(w)[N, K].T` for INT4 with offsets (group 64 or 128), computed as out.T = W x.T
+like quant_mm_gluon.py, but from weights stored at load in the layout of `quant_ref.tile_int4` (Marlin's
+idea): each lane's 16-byte load holds exactly the codes of its A fragments for four 16 x 16 tiles, so
+
+    ((word >> 4s) & 0x000F000F) | 0x43004300      (s = 0..3: one shift and one lop3 per two codes)
+
+is already the A operand's register s as two bfloat16 values 128 + q. No shared memory and no shuffles sit
+between the load and the MMA (quant_mm_gluon.py's row layout goes through shared memory to reach that
+layout), and a code costs about one instruction at any batch: the batch, padded to 8, is the MMA's N.
+
+A K step of BLOCK_K = 64 or 128 codes lies in one scale group: with p = sum (128 + q) x (the MMA) and
+X = sum x over the step, each output adds s p + (o - 128 s) X. The next step's words load while the current
+ones are unpacked; K splits (a float32 workspace summed in a fixed order) fill the SMs on narrow shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from stageserve.kernels.quant_mm_gluon import launch_split_k
+from stageserve.kernels.quant_ref import TILE_COLS, TILE_ROWS
+
+
+@dataclass(frozen=True)
+class TileMmaConfig:
+    block_n: int = 64  # output features per program: a multiple of 16 * num_warps
+    num_warps: int = 4
+    split_k: int | None = None  # K splits; None: enough for about two programs per SM (split_k())
+
+    def label(self) -> str:
+        return f"tiles_{self.block_n}x{self.num_warps}" + ("" if self.split_k is None else f"_s{self.split_k}")
+
+
+# Launch configurations the engine's tuner times per shape and batch bucket; the first is the default.
+CONFIGS = (TileMmaConfig(64, 4), TileMmaConfig(128, 4), TileMmaConfig(128, 8), TileMmaConfig(256, 8),
+           TileMmaConfig(64, 2), TileMmaConfig(64, 4, 1))  # fmt: skip
+
+
+@gluon.jit
+def _tc_tiles_kernel(
+    x_ptr, w_ptr, s_ptr, o_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_sn, stride_om,  # stride_wn: words per 16-row stripe of the tile layout (2 K)
+    steps_per_split, stride_split,  # split K: program (., ., z) takes K steps [z, z + 1) * steps_per_split and
+                                    # writes float32 partial sums at out_ptr + z stride_split
+    GROUP: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_MB: gl.constexpr, BLOCK_K: gl.constexpr,
+):  # fmt: skip
+    WARPS: gl.constexpr = gl.num_warps()
+    TI: gl.constexpr = BLOCK_N // 16  # 16-row tiles per program
+    TJ: gl.constexpr = BLOCK_K // 64  # 64-column blocks per step (a lane's 16-byte load covers one)
+    # words [TI, TJ, g, t, jj]: lane 4 g + t, four consecutive words (16 bytes) per thread
+    WL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 8, 4, 1], [WARPS, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    BL: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+
+    pid_n = gl.program_id(0)
+    m0 = gl.program_id(1) * BLOCK_MB
+    L_I: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, WL))))
+    L_J: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, WL))))
+    L_G: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, WL))))
+    L_T: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, WL))))
+    L_W: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WL))))
+    wi = gl.arange(0, TI, layout=L_I)
+    wj = gl.arange(0, TJ, layout=L_J)
+    wg = gl.arange(0, 8, layout=L_G)
+    wt = gl.arange(0, 4, layout=L_T)
+    ww = gl.arange(0, 4, layout=L_W)
+    stripes = gl.minimum(pid_n * TI + wi, N // 16 - 1).to(gl.int64)  # stripes past N redo the last (not stored)
+    w_off = (stripes[:, None, None, None, None] * stride_wn + wj[None, :, None, None, None] * 128
+             + wg[None, None, :, None, None] * 16 + wt[None, None, None, :, None] * 4 + ww[None, None, None, None, :])  # fmt: skip
+    # x.T [BLOCK_K, BLOCK_MB] loads straight into the B operand's registers (pairs of consecutive k): the
+    # offsets are made in a blocked layout and converted once, outside the loop
+    XL: gl.constexpr = gl.BlockedLayout([2, 1], [4, 8], [1, WARPS], [0, 1])
+    xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, XL))
+    xm = gl.arange(0, BLOCK_MB, layout=gl.SliceLayout(0, XL))
+    x_off = gl.convert_layout(gl.minimum(m0 + xm, M - 1).to(gl.int64)[None, :] * stride_xm + xk[:, None], BL)
+    # X = sum x over a step, for every output row, from the tensor cores: ones times x.T (they idle at small M)
+    ones = gl.full([BLOCK_N, BLOCK_K], 1.0, gl.bfloat16, AL)
+    sn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    s_rows = gl.minimum(sn, N - 1).to(gl.int64) * stride_sn
+
+    k_start = gl.program_id(2) * steps_per_split * BLOCK_K
+    k_end = gl.minimum(K, k_start + steps_per_split * BLOCK_K)
+    acc = gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA)
+    w_next = gl.load(w_ptr + (w_off + k_start * 2))  # a 64-column block of a stripe is 128 words
+    for k0 in range(k_start, k_end, BLOCK_K):
+        w = w_next  # the next step's words load while this one is unpacked and multiplied
+        k_next = k0 + BLOCK_K
+        k_next = gl.where(k_next < k_end, k_next, k0)  # (a select keeps the alignment a min would lose)
+        w_next = gl.load(w_ptr + (w_off + k_next * 2))
+        p0 = (w & 0x000F000F) | 0x43004300  # register s = r + 2 c of the fragment: rows g + 8 r, columns + 8 c
+        p1 = ((w >> 4) & 0x000F000F) | 0x43004300
+        p2 = ((w >> 8) & 0x000F000F) | 0x43004300
+        p3 = ((w >> 12) & 0x000F000F) | 0x43004300
+        regs = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [TI, TJ, g, t, jj, r, c]
+        lo = regs.to(gl.int16).to(gl.bfloat16, bitcast=True)
+        hi = (regs >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+        v = gl.join(lo, hi)  # [TI, TJ, g, t, jj, r, c, e]
+        # row 16 i + 8 r + g, column 64 j + 16 jj + 8 c + 2 t + e
+        a = gl.reshape(gl.permute(v, [0, 5, 2, 1, 4, 6, 3, 7]), [BLOCK_N, BLOCK_K])
+        a = gl.convert_layout(a, AL, assert_trivial=True)
+        b = gl.load(x_ptr + (x_off + k0)).to(gl.bfloat16)  # [BLOCK_K, BLOCK_MB]
+        part = mma_v2(a, b, gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA))
+        xs = mma_v2(ones, b, gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA))
+        g = k0 // GROUP
+        s = gl.load(s_ptr + s_rows + g).to(gl.float32)
+        o = gl.load(o_ptr + s_rows + g).to(gl.float32)
+        acc += s[:, None] * part + (o - 128.0 * s)[:, None] * xs
+    om = m0 + gl.arange(0, BLOCK_MB, layout=gl.SliceLayout(0, MMA))
+    dst = out_ptr + gl.program_id(2) * stride_split + om.to(gl.int64)[None, :] * stride_om + sn[:, None]
+    gl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=(om < M)[None, :] & (sn < N)[:, None])
+
+
+def step_k(group: int) -> int:
+    """Codes per K step: one group of 64 or 128 (128 codes inside a larger one)."""
+    return min(group, 128)
+
+
+def supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
+    """4-bit codes with offsets, N a multiple of 16, K steps of whole 64-column blocks inside one group."""
+    block_k = step_k(group)
+    return (bits == 4 and has_offsets and n % TILE_ROWS == 0 and block_k % TILE_COLS == 0 and group % block_k == 0
+            and k % block_k == 0)  # fmt: skip
+
+
+def launch(x, tiles, scales, offsets, out, *, m, n, k, group, config: TileMmaConfig, sms: int) -> None:
+    """Launch on prepared tensors (quant_matmul.quant_mm_tiles checks them): quant_mm_gluon's grid, batch
+    tiles and K splits."""
+    assert config.block_n % (16 * config.num_warps) == 0, f"{config}: block_n must be a multiple of 16 * num_warps"
+    launch_split_k(_tc_tiles_kernel, x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group,
+                   block_k=step_k(group), config=config, sms=sms)  # fmt: skip
