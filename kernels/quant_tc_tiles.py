@@ -37,9 +37,11 @@ class TileMmaConfig:
         return f"tiles_{self.block_n}x{self.num_warps}" + ("" if self.split_k is None else f"_s{self.split_k}")
 
 
-# Launch configurations the engine's tuner times per shape and batch bucket; the first is the default.
-CONFIGS = (TileMmaConfig(64, 4), TileMmaConfig(128, 4), TileMmaConfig(128, 8), TileMmaConfig(256, 8),
-           TileMmaConfig(64, 2), TileMmaConfig(64, 4, 1))  # fmt: skip
+# Launch configurations the engine's tuner times per shape and batch bucket; the first is the default. On one
+# H100 (2026-12-05, benchmarks/results/quant_tiles_sweep_h100_2026-12-05.log) 256 x 8 won batch 1 and 4 on the
+# wide shapes and 128 x 4 batch 16; the fixed splits give batch 1 more programs than split_k()'s >= 8 K steps.
+CONFIGS = (TileMmaConfig(128, 4), TileMmaConfig(256, 8), TileMmaConfig(64, 4), TileMmaConfig(128, 8),
+           TileMmaConfig(64, 2), TileMmaConfig(128, 4, 8), TileMmaConfig(256, 8, 8))  # fmt: skip
 
 
 @gluon.jit
