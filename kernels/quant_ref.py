@@ -46,21 +46,34 @@ def quant_matmul_ref(x: torch.Tensor, qweight, scales, offsets, bits: int) -> to
 TILE_ROWS, TILE_COLS = 16, 64
 
 
-def tile_int4(qweight: torch.Tensor) -> torch.Tensor:
+STRIPES_PER_PASS = 256  # 4,096 rows at a time: the int64 temporaries stay ~16 bytes per weight of one pass
+
+
+def tile_int4(qweight: torch.Tensor, stripes_per_pass: int = STRIPES_PER_PASS) -> torch.Tensor:
     """uint8 [N, K // 2] (unpack_int4's layout) -> int32 [N // 16, 2 K] in the tile layout above."""
-    q = unpack_int4(qweight).to(torch.int64)
-    n, k = q.shape
+    n, k = qweight.shape[0], qweight.shape[1] * 2
     if n % TILE_ROWS or k % TILE_COLS:
         raise ValueError(f"the tile layout needs N % {TILE_ROWS} == 0 and K % {TILE_COLS} == 0, got N={n}, K={k}")
-    # [I, r, g, J, jj, c, t, e] -> [I, J, g, t, jj, e, c, r]: nibble e * 4 + c * 2 + r of word (I, J, lane, jj)
-    q = q.view(n // 16, 2, 8, k // 64, 4, 2, 4, 2).permute(0, 3, 2, 6, 4, 7, 5, 1).reshape(n // 16, -1, 8)
-    words = (q << (4 * torch.arange(8, device=q.device))).sum(dim=-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    tiles = torch.empty(n // 16, 2 * k, dtype=torch.int32, device=qweight.device)
+    shifts = 4 * torch.arange(8, device=qweight.device)
+    for s0 in range(0, n // 16, stripes_per_pass):
+        q = unpack_int4(qweight[16 * s0 : 16 * (s0 + stripes_per_pass)]).to(torch.int64)
+        i = q.shape[0] // 16
+        # [I, r, g, J, jj, c, t, e] -> [I, J, g, t, jj, e, c, r]: nibble e * 4 + c * 2 + r of word (I, J, lane, jj)
+        q = q.view(i, 2, 8, k // 64, 4, 2, 4, 2).permute(0, 3, 2, 6, 4, 7, 5, 1).reshape(i, -1, 8)
+        words = (q << shifts).sum(dim=-1)
+        tiles[s0 : s0 + i] = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return tiles
 
 
-def untile_int4(tiles: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def untile_int4(tiles: torch.Tensor, n: int, k: int, stripes_per_pass: int = STRIPES_PER_PASS) -> torch.Tensor:
     """The inverse of `tile_int4`: int32 [N // 16, 2 K] -> uint8 [N, K // 2]."""
-    words = tiles.to(torch.int64).view(n // 16, k // 64, 8, 4, 4, 1)
-    q = (words >> (4 * torch.arange(8, device=words.device))) & 0xF  # [I, J, g, t, jj, (e, c, r)]
-    q = q.view(n // 16, k // 64, 8, 4, 4, 2, 2, 2).permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(n, k)
-    return pack_int4(q)
+    out = torch.empty(n, k // 2, dtype=torch.uint8, device=tiles.device)
+    shifts = 4 * torch.arange(8, device=tiles.device, dtype=torch.int32)
+    for s0 in range(0, n // 16, stripes_per_pass):
+        words = tiles[s0 : s0 + stripes_per_pass]
+        i = words.shape[0]
+        q = (words.view(i, k // 64, 8, 4, 4, 1) >> shifts) & 0xF  # [I, J, g, t, jj, (e, c, r)]; & drops the sign
+        q = q.view(i, k // 64, 8, 4, 4, 2, 2, 2).permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(16 * i, k)
+        out[16 * s0 : 16 * (s0 + i)] = pack_int4(q)
+    return out

@@ -209,6 +209,8 @@ def test_tile_layout_roundtrip_and_fragments():
     tiles = tile_int4(pack_int4(q))
     assert tiles.shape == (n // 16, 2 * k) and tiles.dtype == torch.int32
     assert torch.equal(untile_int4(tiles, n, k), pack_int4(q))
+    assert torch.equal(tile_int4(pack_int4(q), stripes_per_pass=2), tiles)  # in passes of 32 rows
+    assert torch.equal(untile_int4(tiles, n, k, stripes_per_pass=2), pack_int4(q))
     words = tiles.view(n // 16, k // 64, 32, 4).to(torch.int64) & 0xFFFFFFFF  # [stripe, 64 columns, lane, tile]
     for i, j, lane in [(0, 0, 0), (2, 11, 31), (1, 5, 13), (2, 8, 6)]:
         g, t = divmod(lane, 4)
