@@ -15,7 +15,9 @@ byte read once; the `tl` kernel's code planes or tiles dequantized into k order,
 kernel with explicit layouts), the tiled fused kernels (`mm`, and `mm_t` with the weight tile in the
 MMA's rows), and dequantize + cuBLAS. With `quant_dispatch="tune"` (the
 default) each layer times the candidates the first time it sees a batch bucket (next power of two of M)
-and keeps the fastest; "fixed" uses the thresholds gemv_max_batch / fused_max_batch.
+and keeps the fastest; "fixed" uses the thresholds gemv_max_batch / fused_max_batch. With
+`int4_layout="tiles"`, 4-bit weights with offsets are re-laid at load in the tensor cores' fragment order
+(`quant_ref.tile_int4`, same bytes) and choose between `quant_mm_tiles` and dequantize + cuBLAS instead.
 On the CPU (cpu_kernels.py) a few rows in bfloat16 take PyTorch's packed int4/int8 weight-only kernels
 (the weights stay packed: decode reads fewer bytes); everything else is a dense matmul with the weight
 dequantized once, in float32 the reference (`quant_cpu_kernels="reference"` keeps that for every call).
