@@ -59,11 +59,10 @@ def compile_gluon_mm(group: int, block_mb: int, config, tiles: bool = False):
 
     from stageserve.kernels import quant_mm_gluon as qmg, quant_tc_tiles as qt
 
-    module = qt if tiles else qmg
+    module, kernel = (qt, qt._tc_tiles_kernel) if tiles else (qmg, qmg._quant_mm_gluon_kernel)
     constexprs = {"GROUP": group, "BLOCK_N": config.block_n, "BLOCK_MB": block_mb, "BLOCK_K": module.step_k(group)}
     signature = SIGNATURE | {"steps_per_split": "i32", "stride_split": "i32"} | {name: "constexpr" for name in constexprs}
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9)}  # pointers, K, row strides
-    kernel = qt._tc_tiles_kernel if tiles else qmg._quant_mm_gluon_kernel
     src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 

@@ -343,17 +343,22 @@ def _check_weight(qweight, scales, offsets, bits: int, k: int, device) -> tuple[
     n = qweight.shape[0]
     check_tensor(qweight, "qweight", shape=(n, k // (8 // bits)), dtypes=(torch.uint8 if bits == 4 else torch.int8,), device=device)
     assert qweight.stride(0) == qweight.shape[1], "qweight must be contiguous"
+    group = _check_groups(scales, offsets, n, k, device)
+    per_channel = scales.shape[1] == 1
+    assert per_channel or group % 32 == 0, f"group size {group} must be a multiple of 32"
+    assert per_channel or offsets is not None or bits == 8, "4-bit weights need offsets (their q is unsigned)"
+    return n, group, per_channel
+
+
+def _check_groups(scales, offsets, n: int, k: int, device) -> int:
+    """Assert the scales' and offsets' layout for an [N, K] weight; returns the group size."""
     num_groups = scales.shape[1]
     assert num_groups >= 1 and k % num_groups == 0, f"K={k} is not a multiple of the {num_groups} scale groups"
-    group = k // num_groups
     check_tensor(scales, "scales", shape=(n, num_groups), dtypes=SCALE_DTYPES, device=device)
     if offsets is not None:
         check_tensor(offsets, "offsets", shape=(n, num_groups), dtypes=(scales.dtype,), device=device)
         assert offsets.stride(0) == scales.stride(0), "offsets and scales must share a row stride"
-    per_channel = num_groups == 1
-    assert per_channel or group % 32 == 0, f"group size {group} must be a multiple of 32"
-    assert per_channel or offsets is not None or bits == 8, "4-bit weights need offsets (their q is unsigned)"
-    return n, group, per_channel
+    return k // num_groups
 
 
 def _k_tile(k: int, group: int, per_channel: bool) -> int:
@@ -519,9 +524,8 @@ def quant_mm_tiles(
     check_tensor(x, "x", shape=(m, k), dtypes=FLOAT_DTYPES, device=device)
     n = tiles.shape[0] * 16
     check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
-    check_tensor(scales, "scales", shape=(n, scales.shape[1]), dtypes=SCALE_DTYPES, device=device)
-    check_tensor(offsets, "offsets", shape=tuple(scales.shape), dtypes=(scales.dtype,), device=device)
-    group = k // scales.shape[1]
+    assert offsets is not None, "quant_mm_tiles: 4-bit weights need offsets (their q is unsigned)"
+    group = _check_groups(scales, offsets, n, k, device)
     assert qt.supports(n, k, group, 4, True), f"quant_mm_tiles: N={n}, K={k}, group {group} does not fit"
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=device)

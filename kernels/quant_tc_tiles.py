@@ -23,18 +23,16 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from stageserve.kernels.quant_mm_gluon import launch_split_k
+from stageserve.kernels.quant_mm_gluon import GluonMmaConfig, launch_split_k
 from stageserve.kernels.quant_ref import TILE_COLS, TILE_ROWS
 
 
 @dataclass(frozen=True)
-class TileMmaConfig:
-    block_n: int = 64  # output features per program: a multiple of 16 * num_warps
-    num_warps: int = 4
-    split_k: int | None = None  # K splits; None: enough for about two programs per SM (split_k())
+class TileMmaConfig(GluonMmaConfig):
+    """quant_mm_gluon's launch configuration (block_n a multiple of 16 * num_warps here), named apart."""
 
     def label(self) -> str:
-        return f"tiles_{self.block_n}x{self.num_warps}" + ("" if self.split_k is None else f"_s{self.split_k}")
+        return "tiles_" + super().label().removeprefix("tc_")
 
 
 # Launch configurations the engine's tuner times per shape and batch bucket; the first is the default. On one

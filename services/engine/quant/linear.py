@@ -157,11 +157,11 @@ class PackedLinear(QuantizedLinear):
     def _laid_out(self, p: PackedWeight) -> PackedWeight:
         """The weight in the layout its kernels read: "tiles" where the spec asks for it and it fits (4-bit
         with offsets, on CUDA, whole 16 x 64 tiles), else as it came."""
-        if self.spec.int4_layout != "tiles" or p.qweight.device.type != "cuda" or p.bits != 4 or p.offsets is None:
+        if self.spec.int4_layout != "tiles" or p.qweight.device.type != "cuda":
             return p
         from stageserve.kernels import quant_matmul as qm
 
-        return p.tiled() if qm.tiles_supports(*p.shape, p.group_size, p.bits, True) else p
+        return p.tiled() if qm.tiles_supports(*p.shape, p.group_size, p.bits, p.offsets is not None) else p
 
     def weight_bytes(self) -> int:
         extra = 0 if self.input_scale is None else self.input_scale.numel() * self.input_scale.element_size()
