@@ -267,6 +267,11 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
                         tiles = tile_int4(p.qweight)
                         for c in TILE_CONFIGS:
                             runs[c.label()] = lambda c=c, tiles=tiles: qm.quant_mm_tiles(x, tiles, p.scales, p.offsets, config=c)
+                        if m >= 16 and qm.wg_tiles_supports(n, k, p.group_size, p.bits, True, DEVICE):
+                            from stageserve.kernels.quant_wg_tiles import CONFIGS as WG_CONFIGS
+
+                            for c in WG_CONFIGS:
+                                runs[c.label()] = lambda c=c, tiles=tiles: qm.quant_mm_wg_tiles(x, tiles, p.scales, p.offsets, config=c)
                     runs["dq+gemm"] = lambda: x @ qm.dequantize(*args, x.dtype).t()
                     ref = x.float() @ p.dequantize().to(DEVICE).float().t()
                 if kernels:
@@ -274,7 +279,7 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
                 times = {}
                 for v, fn in runs.items():
                     try:
-                        if v.startswith(("mmt_", "tiles_")) and (err := rel_error(fn(), ref)) > 2e-2:
+                        if v.startswith(("mmt_", "tiles_", "wg_")) and (err := rel_error(fn(), ref)) > 2e-2:
                             log("sweep_error", shape=name, fmt=fmt, batch=m, variant=v, error=f"relative error {err:.3g}")
                             continue
                         times[v] = timed(fn, iters)

@@ -86,6 +86,11 @@ def gluon_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def wgmma_capable(device: torch.device) -> bool:
+    """Warpgroup MMA (wgmma) needs a Hopper GPU: compute capability 9.0 exactly (sm_90a)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of `device`; a nominal 132 (H100 SXM) under the interpreter."""
     if device.type == "cuda":

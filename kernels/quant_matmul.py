@@ -17,7 +17,8 @@ and GGUF Q8_0 (group 32):
     quant_gemv_gluon, quant_mm_gluon   CUDA only: the GEMV with explicit register layouts (quant_gemv_gluon.py)
                 and 4-bit codes on tensor cores (quant_mm_gluon.py); the engine's tuner times them with the rest.
     quant_mm_tiles   CUDA only: INT4 on tensor cores from weights re-laid at load in the MMA's fragment order
-                (quant_ref.tile_int4, quant_tc_tiles.py), at any batch.
+                (quant_ref.tile_int4, quant_tc_tiles.py), at any batch; on Hopper, `quant_mm_wg_tiles` runs the same layout
+on warpgroup MMA (quant_wg_tiles.py) for the larger batches.
 
 Code p of word j of a row is element PER * j + p (PER = 8 nibbles or 4 bytes a word), so a "plane" (code p
 of every word in a tile) meets the inputs x[PER * j + p]: strided loads of x, which are few (x is tiny
@@ -41,6 +42,7 @@ from stageserve.kernels._common import (
     mma,
     next_pow2,
     num_sms,
+    wgmma_capable,
 )
 from stageserve.kernels.quant_ref import dequantize_ref, pack_int4, quant_matmul_ref, unpack_int4  # noqa: F401 (re-exported)
 
@@ -543,6 +545,49 @@ def tiles_supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> 
     except ImportError:
         return False
     return qt.supports(n, k, group, bits, has_offsets)
+
+
+def quant_mm_wg_tiles(
+    x: torch.Tensor,  # [M, K] bfloat16
+    tiles: torch.Tensor,  # int32 [N // 16, 2 K]: quant_ref.tile_int4 of the 4-bit codes
+    scales: torch.Tensor,  # [N, K // group]
+    offsets: torch.Tensor,  # [N, K // group]
+    *,
+    config=None,  # a quant_wg_tiles.WgmmaConfig; default its CONFIGS[0]
+    out: torch.Tensor | None = None,  # [M, N]
+) -> torch.Tensor:  # [M, N]
+    """INT4 with offsets from the tile layout on Hopper's warpgroup MMA (kernels/quant_wg_tiles.py): the
+    larger batches. CUDA compute capability 9.0 and bfloat16 x only; `wg_tiles_supports` says what fits."""
+    from stageserve.kernels import quant_wg_tiles as qw
+
+    m, k = x.shape
+    device = x.device
+    check_launch_device(device)
+    assert wgmma_capable(device), "quant_mm_wg_tiles needs a Hopper GPU (compute capability 9.0)"
+    check_tensor(x, "x", shape=(m, k), dtypes=(torch.bfloat16,), device=device)
+    n = tiles.shape[0] * 16
+    check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
+    assert offsets is not None, "quant_mm_wg_tiles: 4-bit weights need offsets (their q is unsigned)"
+    group = _check_groups(scales, offsets, n, k, device)
+    assert qw.supports(n, k, group, 4, True), f"quant_mm_wg_tiles: N={n}, K={k}, group {group} does not fit"
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=device)
+    check_tensor(out, "out", shape=(m, n), dtypes=(x.dtype,), device=device)
+    if m:
+        qw.launch(x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group, config=config or qw.CONFIGS[0],
+                  sms=num_sms(device))  # fmt: skip
+    return out
+
+
+def wg_tiles_supports(n: int, k: int, group: int, bits: int, has_offsets: bool, device: torch.device) -> bool:
+    """Whether quant_mm_wg_tiles can run such a weight on `device` (a Hopper GPU, a Triton with Gluon)."""
+    if not wgmma_capable(device):
+        return False
+    try:
+        from stageserve.kernels import quant_wg_tiles as qw
+    except ImportError:
+        return False
+    return qw.supports(n, k, group, bits, has_offsets)
 
 
 def _block_w(num_words: int, choices) -> int:

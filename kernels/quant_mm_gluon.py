@@ -142,11 +142,13 @@ def launch(x, words, scales, offsets, out, *, m, n, k, group, config: GluonMmaCo
                    block_k=step_k(group), config=config, sms=sms)  # fmt: skip
 
 
-def launch_split_k(kernel, x, words, scales, offsets, out, *, m, n, k, group, block_k, config, sms: int) -> None:
+def launch_split_k(
+    kernel, x, words, scales, offsets, out, *, m, n, k, group, block_k, config, sms: int, batch_tile: int | None = None,
+) -> None:  # fmt: skip
     """Launch a weight-tile-as-A kernel (this one's arguments, a config with block_n, num_warps and split_k)
-    over [N / block_n, M / block_mb, K splits]. With K split, the programs write float32 partial sums to a
-    workspace that one sum reduces (in a fixed order: deterministic)."""
-    mb = block_mb(m, config)
+    over [N / block_n, M / batch_tile, K splits] (default: this module's block_mb). With K split, the
+    programs write float32 partial sums to a workspace that one sum reduces (in a fixed order: deterministic)."""
+    mb = batch_tile or block_mb(m, config)
     grid_nm = (triton.cdiv(n, config.block_n), triton.cdiv(m, mb))
     steps = k // block_k
     splits = split_k(grid_nm[0] * grid_nm[1], steps, sms) if config.split_k is None else config.split_k

@@ -42,6 +42,36 @@ CONFIGS = (TileMmaConfig(128, 4), TileMmaConfig(256, 8), TileMmaConfig(64, 4), T
            TileMmaConfig(64, 2), TileMmaConfig(128, 4, 8), TileMmaConfig(256, 8, 8))  # fmt: skip
 
 
+# The words of the tile layout as a program's registers hold them: [TI, TJ, g, t, jj] (16-row stripes, 64-column
+# blocks of a K step, lane 4 g + t, four consecutive words = 16 bytes per thread). quant_wg_tiles.py shares these.
+@gluon.jit
+def tile_word_offsets(pid_n, N, stride_wn, TI: gl.constexpr, TJ: gl.constexpr, WL: gl.constexpr):
+    """Word offsets [TI, TJ, 8, 4, 4] (WL) of program pid_n's stripes at K = 0, and the stripe indices [TI]
+    (stripes past N redo the last, whose outputs are not stored)."""
+    wi = gl.arange(0, TI, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, WL)))))
+    wj = gl.arange(0, TJ, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, WL)))))
+    wg = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, WL)))))
+    wt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, WL)))))
+    ww = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WL)))))
+    stripes = gl.minimum(pid_n * TI + wi, N // 16 - 1).to(gl.int64)
+    w_off = (stripes[:, None, None, None, None] * stride_wn + wj[None, :, None, None, None] * 128
+             + wg[None, None, :, None, None] * 16 + wt[None, None, None, :, None] * 4 + ww[None, None, None, None, :])  # fmt: skip
+    return w_off, stripes
+
+
+@gluon.jit
+def tile_operand(p0, p1, p2, p3, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, AL: gl.constexpr):
+    """The four registers s = r + 2 c of each fragment (int32 words of bfloat16 pairs: rows g + 8 r, columns
+    + 8 c, the e = 0 value low) -> the [BLOCK_N, BLOCK_K] A operand in layout AL, with no data movement."""
+    regs = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [TI, TJ, g, t, jj, r, c]
+    lo = regs.to(gl.int16).to(gl.bfloat16, bitcast=True)
+    hi = (regs >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+    v = gl.join(lo, hi)  # [TI, TJ, g, t, jj, r, c, e]
+    # row 16 i + 8 r + g, column 64 j + 16 jj + 8 c + 2 t + e
+    a = gl.reshape(gl.permute(v, [0, 5, 2, 1, 4, 6, 3, 7]), [BLOCK_N, BLOCK_K])
+    return gl.convert_layout(a, AL, assert_trivial=True)
+
+
 @gluon.jit
 def _tc_tiles_kernel(
     x_ptr, w_ptr, s_ptr, o_ptr, out_ptr,
@@ -62,19 +92,7 @@ def _tc_tiles_kernel(
 
     pid_n = gl.program_id(0)
     m0 = gl.program_id(1) * BLOCK_MB
-    L_I: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, WL))))
-    L_J: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, WL))))
-    L_G: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, WL))))
-    L_T: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, WL))))
-    L_W: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WL))))
-    wi = gl.arange(0, TI, layout=L_I)
-    wj = gl.arange(0, TJ, layout=L_J)
-    wg = gl.arange(0, 8, layout=L_G)
-    wt = gl.arange(0, 4, layout=L_T)
-    ww = gl.arange(0, 4, layout=L_W)
-    stripes = gl.minimum(pid_n * TI + wi, N // 16 - 1).to(gl.int64)  # stripes past N redo the last (not stored)
-    w_off = (stripes[:, None, None, None, None] * stride_wn + wj[None, :, None, None, None] * 128
-             + wg[None, None, :, None, None] * 16 + wt[None, None, None, :, None] * 4 + ww[None, None, None, None, :])  # fmt: skip
+    w_off, stripes = tile_word_offsets(pid_n, N, stride_wn, TI, TJ, WL)
     # x.T [BLOCK_K, BLOCK_MB] loads straight into the B operand's registers (pairs of consecutive k): the
     # offsets are made in a blocked layout and converted once, outside the loop
     XL: gl.constexpr = gl.BlockedLayout([2, 1], [4, 8], [1, WARPS], [0, 1])
@@ -99,13 +117,7 @@ def _tc_tiles_kernel(
         p1 = ((w >> 4) & 0x000F000F) | 0x43004300
         p2 = ((w >> 8) & 0x000F000F) | 0x43004300
         p3 = ((w >> 12) & 0x000F000F) | 0x43004300
-        regs = gl.join(gl.join(p0, p1), gl.join(p2, p3))  # [TI, TJ, g, t, jj, r, c]
-        lo = regs.to(gl.int16).to(gl.bfloat16, bitcast=True)
-        hi = (regs >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
-        v = gl.join(lo, hi)  # [TI, TJ, g, t, jj, r, c, e]
-        # row 16 i + 8 r + g, column 64 j + 16 jj + 8 c + 2 t + e
-        a = gl.reshape(gl.permute(v, [0, 5, 2, 1, 4, 6, 3, 7]), [BLOCK_N, BLOCK_K])
-        a = gl.convert_layout(a, AL, assert_trivial=True)
+        a = tile_operand(p0, p1, p2, p3, BLOCK_N, BLOCK_K, AL)
         b = gl.load(x_ptr + (x_off + k0)).to(gl.bfloat16)  # [BLOCK_K, BLOCK_MB]
         part = mma_v2(a, b, gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA))
         xs = mma_v2(ones, b, gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA))

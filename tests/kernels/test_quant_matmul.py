@@ -23,7 +23,9 @@ from stageserve.kernels.quant_matmul import (
     quant_mm,
     quant_mm_t,
     quant_mm_tiles,
+    quant_mm_wg_tiles,
     tiles_supports,
+    wg_tiles_supports,
     unpack_int4,
 )
 from stageserve.kernels.quant_ref import tile_int4, untile_int4
@@ -258,3 +260,24 @@ def test_quant_mm_tiles(device, gen, fmt, m, nk):
     ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
     for config in CONFIGS:
         assert rel_error(quant_mm_tiles(x, tiles, scales, offsets, config=config), ref) < TOLERANCE[torch.bfloat16], config
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [16, 33, 64, 100, 256])
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g64"])
+@pytest.mark.parametrize("nk", [(6144, 4096), (960, 576), (4096, 14336)])
+def test_quant_mm_wg_tiles(device, gen, fmt, m, nk):
+    """INT4 from the tile layout on warpgroup MMA (Hopper) against the reference, every launch configuration:
+    batches that are and are not multiples of the batch tile, narrow (split K) and SmolLM2-sized shapes."""
+    from stageserve.kernels.quant_wg_tiles import CONFIGS
+
+    n, k = nk
+    qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
+    if not wg_tiles_supports(n, k, k // scales.shape[1], bits, True, device):
+        pytest.skip(f"{fmt} N={n} K={k} on {torch.cuda.get_device_name(device)}: not whole tiles, or not Hopper")
+    tiles = tile_int4(qweight.cpu()).to(device)
+    x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
+    ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
+    for config in CONFIGS:
+        assert rel_error(quant_mm_wg_tiles(x, tiles, scales, offsets, config=config), ref) < TOLERANCE[torch.bfloat16], config

@@ -17,7 +17,8 @@ MMA's rows), and dequantize + cuBLAS. With `quant_dispatch="tune"` (the
 default) each layer times the candidates the first time it sees a batch bucket (next power of two of M)
 and keeps the fastest; "fixed" uses the thresholds gemv_max_batch / fused_max_batch. With
 `int4_layout="tiles"`, 4-bit weights with offsets are re-laid at load in the tensor cores' fragment order
-(`quant_ref.tile_int4`, same bytes) and choose between `quant_mm_tiles` and dequantize + cuBLAS instead.
+(`quant_ref.tile_int4`, same bytes) and choose between `quant_mm_tiles`, on Hopper `quant_mm_wg_tiles`
+(warpgroup MMA, batch 16 up), and dequantize + cuBLAS instead.
 On the CPU (cpu_kernels.py) a few rows in bfloat16 take PyTorch's packed int4/int8 weight-only kernels
 (the weights stay packed: decode reads fewer bytes); everything else is a dense matmul with the weight
 dequantized once, in float32 the reference (`quant_cpu_kernels="reference"` keeps that for every call).
@@ -203,6 +204,11 @@ class PackedLinear(QuantizedLinear):
 
             kernels = {f"tc_{c.label()}": lambda x, c=c: qm.quant_mm_tiles(x, p.qweight, p.scales, p.offsets, config=c)
                        for c in TILE_CONFIGS}  # fmt: skip
+            if qm.wg_tiles_supports(*p.shape, p.group_size, p.bits, True, p.qweight.device):  # Hopper: warpgroup MMA
+                from stageserve.kernels.quant_wg_tiles import CONFIGS as WG_CONFIGS
+
+                for c in WG_CONFIGS:
+                    kernels[c.label()] = lambda x, c=c: qm.quant_mm_wg_tiles(x, p.qweight, p.scales, p.offsets, config=c)
             kernels["dequant"] = lambda x: x @ qm.dequantize(p.rows_qweight(), p.scales, p.offsets, p.bits, x.dtype).t()
             self._table = (p, kernels, next(iter(kernels)))
             return self._table
@@ -242,7 +248,19 @@ class PackedLinear(QuantizedLinear):
             fused = "mm_t64" if p.bits == 4 else "mm"  # what the tuner kept most at batch 16-64 on an H100 (BENCHMARKS.md)
             fixed = self._kernel_table()[2] if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else (fused if m <= spec.fused_max_batch else "dequant")
         key = (*p.shape, p.bits, p.group_size, p.layout, _bucket(m))
-        return _choose(spec, key, fixed, lambda: {k: f for k, f in self._kernels().items() if not k.startswith("gemv") or m <= GEMV_MAX_M}, x)
+        return _choose(spec, key, fixed, lambda: {k: f for k, f in self._kernels().items() if _fits(k, x)}, x)
+
+
+def _fits(kernel: str, x: torch.Tensor) -> bool:
+    """Whether a candidate kernel is worth timing for this input: GEMVs up to their batch, warpgroup MMA from
+    one 16-column tile up, on bfloat16 (its x tiles are copied to shared memory as they are)."""
+    from stageserve.kernels.quant_matmul import GEMV_MAX_M
+
+    if kernel.startswith("gemv"):
+        return x.shape[0] <= GEMV_MAX_M
+    if kernel.startswith("wg_"):
+        return x.shape[0] >= 16 and x.dtype == torch.bfloat16
+    return True
 
 
 class Fp8Linear(QuantizedLinear):

@@ -1,0 +1,171 @@
+"""4-bit weights on Hopper's warpgroup MMA from the tile layout (Gluon, wgmma m64nNk16 in bfloat16), batch 16 up.
+
+`out[M, N] = x[M, K] @ dequant(w)[N, K].T` for INT4 with offsets (group 64 or 128), computed as out.T = W x.T
+from weights in `quant_ref.tile_int4`'s layout, like quant_tc_tiles.py. wgmma takes its A operand from
+registers in the same per-warp fragments as mma.sync, so a lane's 16-byte load is still exactly its A
+registers for four 16 x 16 tiles; the batch, padded to a multiple of 16, is the MMA's N (up to 256), and x.T
+is its B operand in shared memory.
+
+Where quant_tc_tiles.py multiplies the raw codes 128 + q and applies each group's scale to a float32 partial
+sum per K step, here the codes become the weights themselves before the MMA, two at a time:
+
+    q = (128 + q) * 1 - 128                    exact in bfloat16 (one fma.rn.bf16x2)
+    w = q * s + o                              rounded once (one fma.rn.bf16x2)
+
+so the MMA accumulates straight into the output tile: one accumulator of BLOCK_MB columns per 16 rows and
+no per-step float32 work, which is what lets a wide batch tile fit in registers. The scale and offset are
+rounded to bfloat16 first (within 2^-9 of each); the weight then matches a dequantize to bfloat16 followed by
+a GEMM. x tiles go through two shared-memory buffers: the MMA on one runs (asynchronously) while the next
+step's codes are unpacked and its x tile is stored in the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from stageserve.kernels.quant_mm_gluon import launch_split_k
+from stageserve.kernels.quant_tc_tiles import tile_operand, tile_word_offsets
+from stageserve.kernels.quant_ref import TILE_COLS, TILE_ROWS
+
+MAX_MB = 256  # wgmma's largest N
+# cp.async global -> shared: `async_load` from Triton 3.7 (the device image has 3.6, which names it otherwise)
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # (3.6's name)
+
+
+@dataclass(frozen=True)
+class WgmmaConfig:
+    block_n: int = 128  # output features per program: 64 per warpgroup and repeat
+    num_warps: int = 4  # a multiple of 4 (whole warpgroups)
+    block_mb: int = 128  # largest batch tile (columns of the accumulator); smaller batches take the next power of 2
+    split_k: int | None = None  # K splits; None: quant_mm_gluon.split_k()'s choice
+
+    def label(self) -> str:
+        return f"wg_{self.block_n}x{self.num_warps}_m{self.block_mb}" + ("" if self.split_k is None else f"_s{self.split_k}")
+
+
+# Launch configurations the engine's tuner times per shape and batch bucket; the first is the default.
+# Accumulator registers per thread are block_n * batch tile / (32 * num_warps): 64 at 64 x 4 with 128 columns.
+# 64 x 4 with a 256-column tile spills (sm_90a, 255 registers): 256 columns take two warpgroups.
+CONFIGS = (WgmmaConfig(64, 4, 128), WgmmaConfig(128, 8, 128), WgmmaConfig(128, 8, 256), WgmmaConfig(64, 4, 64),
+           WgmmaConfig(128, 4, 64))  # fmt: skip
+
+
+@gluon.jit
+def _dequant_pairs(codes, s, o):
+    """int32 words of bfloat16 pairs 128 + q (low half first) -> the pairs q * s + o: q exactly (fma with 1 and
+    -128), then one rounding (fma with the row's scale and offset pairs)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 one, m128, q; mov.b32 one, 0x3F803F80; mov.b32 m128, 0xC300C300;\n"
+        "fma.rn.bf16x2 q, $1, one, m128; fma.rn.bf16x2 $0, q, $2, $3; }",
+        "=r,r,r,r", [codes, s, o], dtype=gl.int32, is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _bf16_pair(v):
+    """float32 -> int32 word holding the bfloat16 value twice."""
+    h = v.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@gluon.jit
+def _wg_tiles_kernel(
+    x_ptr, w_ptr, s_ptr, o_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_sn, stride_om,  # stride_wn: words per 16-row stripe of the tile layout (2 K)
+    steps_per_split, stride_split,  # split K, as in quant_tc_tiles.py
+    GROUP: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_MB: gl.constexpr, BLOCK_K: gl.constexpr,
+):  # fmt: skip
+    WARPS: gl.constexpr = gl.num_warps()
+    TI: gl.constexpr = BLOCK_N // 16  # 16-row stripes per program
+    TJ: gl.constexpr = BLOCK_K // 64  # 64-column blocks per step (a lane's 16-byte load covers one)
+    # words [TI, TJ, g, t, jj]: lane 4 g + t, four consecutive words (16 bytes) per thread
+    WL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 1, 8, 4, 1], [WARPS, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_MB, 16])
+    AL: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    XS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_MB, BLOCK_K], gl.bfloat16)
+    TK: gl.constexpr = BLOCK_K // 8  # threads along a row of x: 16 bytes of bfloat16 each (cp.async)
+    XL: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TK, TK], [WARPS, 1], [1, 0])
+
+    pid_n = gl.program_id(0)
+    m0 = gl.program_id(1) * BLOCK_MB
+    w_off, stripes = tile_word_offsets(pid_n, N, stride_wn, TI, TJ, WL)
+    wg = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, WL)))))
+    # a lane's scales and offsets: rows 16 i + g (registers r = 0) and 16 i + 8 + g (r = 1) of each stripe
+    s_lo = (stripes * 16)[:, None, None, None, None] * stride_sn + (wg * stride_sn)[None, None, :, None, None]
+    s_hi = s_lo + 8 * stride_sn
+    xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
+    xm = gl.arange(0, BLOCK_MB, layout=gl.SliceLayout(1, XL))
+    x_off = gl.minimum(m0 + xm, M - 1).to(gl.int64)[:, None] * stride_xm + xk[None, :]  # rows past M redo M - 1
+    # x tiles: step j's MMA reads buffer j % 3 while step j + 1's copy lands in the next; the barrier at the
+    # top of step j (after every warp's wait for step j - 1's MMA to leave at most that one in flight) frees
+    # buffer (j + 1) % 3, last read by step j - 2
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [3, BLOCK_MB, BLOCK_K], XS)
+
+    k_start = gl.program_id(2) * steps_per_split * BLOCK_K
+    k_end = gl.minimum(K, k_start + steps_per_split * BLOCK_K)
+    acc = gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA)
+    w_next = gl.load(w_ptr + (w_off + k_start * 2))  # a 64-column block of a stripe is 128 words
+    _async_load(x_smem.index(0), x_ptr + (x_off + k_start))
+    async_copy.commit_group()
+    step = 0
+    for k0 in range(k_start, k_end, BLOCK_K):
+        w = w_next  # the next step's words and x tile load while this one is unpacked and multiplied
+        k_next = k0 + BLOCK_K
+        k_next = gl.where(k_next < k_end, k_next, k0)  # (a select keeps the alignment a min would lose)
+        w_next = gl.load(w_ptr + (w_off + k_next * 2))
+        _cta_barrier()
+        _async_load(x_smem.index((step + 1) % 3), x_ptr + (x_off + k_next))
+        async_copy.commit_group()
+        g = k0 // GROUP
+        s0 = _bf16_pair(gl.load(s_ptr + (s_lo + g)).to(gl.float32))
+        s1 = _bf16_pair(gl.load(s_ptr + (s_hi + g)).to(gl.float32))
+        o0 = _bf16_pair(gl.load(o_ptr + (s_lo + g)).to(gl.float32))
+        o1 = _bf16_pair(gl.load(o_ptr + (s_hi + g)).to(gl.float32))
+        # register s = r + 2 c of the fragment: rows g + 8 r, columns + 8 c; each the pair (128 + q) -> w
+        p0 = _dequant_pairs((w & 0x000F000F) | 0x43004300, s0, o0)
+        p1 = _dequant_pairs(((w >> 4) & 0x000F000F) | 0x43004300, s1, o1)
+        p2 = _dequant_pairs(((w >> 8) & 0x000F000F) | 0x43004300, s0, o0)
+        p3 = _dequant_pairs(((w >> 12) & 0x000F000F) | 0x43004300, s1, o1)
+        a = tile_operand(p0, p1, p2, p3, BLOCK_N, BLOCK_K, AL)
+        async_copy.wait_group(1)  # this step's x tile (this thread's part of it)
+        fence_async_shared()
+        _cta_barrier()  # (every thread's part)
+        acc = warpgroup_mma(a, x_smem.index(step % 3).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+        step += 1
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    async_copy.wait_group(0)
+    sn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    om = m0 + gl.arange(0, BLOCK_MB, layout=gl.SliceLayout(0, MMA))
+    dst = out_ptr + gl.program_id(2) * stride_split + om.to(gl.int64)[None, :] * stride_om + sn[:, None]
+    gl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=(om < M)[None, :] & (sn < N)[:, None])
+
+
+def step_k(group: int) -> int:
+    """Codes per K step: one group of 64 or 128 (128 codes inside a larger one)."""
+    return min(group, 128)
+
+
+def supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
+    """4-bit codes with offsets, N a multiple of 16, K steps of whole 64-column blocks inside one group."""
+    block_k = step_k(group)
+    return (bits == 4 and has_offsets and n % TILE_ROWS == 0 and block_k % TILE_COLS == 0 and group % block_k == 0
+            and k % block_k == 0)  # fmt: skip
+
+
+def block_mb(m: int, config: WgmmaConfig) -> int:
+    """Batch rows per program: the batch padded to a power of two >= 16, at most the config's tile."""
+    return min(config.block_mb, max(16, 1 << (m - 1).bit_length()))
+
+
+def launch(x, tiles, scales, offsets, out, *, m, n, k, group, config: WgmmaConfig, sms: int) -> None:
+    """Launch on prepared tensors (quant_matmul.quant_mm_wg_tiles checks them)."""
+    assert config.num_warps % 4 == 0 and config.block_n % (16 * config.num_warps) == 0, f"{config}: bad shape"
+    launch_split_k(_wg_tiles_kernel, x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group,
+                   block_k=step_k(group), config=config, sms=sms, batch_tile=block_mb(m, config))  # fmt: skip
