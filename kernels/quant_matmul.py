@@ -519,32 +519,8 @@ def quant_mm_tiles(
     only; `tiles_supports` says whether a weight fits."""
     from stageserve.kernels import quant_tc_tiles as qt
 
-    m, k = x.shape
-    device = x.device
-    check_launch_device(device)
-    assert gluon_capable(device), "quant_mm_tiles needs a CUDA device of compute capability >= 8.0"
-    check_tensor(x, "x", shape=(m, k), dtypes=FLOAT_DTYPES, device=device)
-    n = tiles.shape[0] * 16
-    check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
-    assert offsets is not None, "quant_mm_tiles: 4-bit weights need offsets (their q is unsigned)"
-    group = _check_groups(scales, offsets, n, k, device)
-    assert qt.supports(n, k, group, 4, True), f"quant_mm_tiles: N={n}, K={k}, group {group} does not fit"
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=device)
-    check_tensor(out, "out", shape=(m, n), dtypes=(x.dtype,), device=device)
-    if m:
-        qt.launch(x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group, config=config or qt.CONFIGS[0],
-                  sms=num_sms(device))  # fmt: skip
-    return out
-
-
-def tiles_supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
-    """Whether quant_mm_tiles can run such a weight (and this Triton has Gluon: 3.4 on)."""
-    try:
-        from stageserve.kernels import quant_tc_tiles as qt
-    except ImportError:
-        return False
-    return qt.supports(n, k, group, bits, has_offsets)
+    assert gluon_capable(x.device), "quant_mm_tiles needs a CUDA device of compute capability >= 8.0"
+    return _launch_tiles(qt, "quant_mm_tiles", FLOAT_DTYPES, x, tiles, scales, offsets, config, out)
 
 
 def quant_mm_wg_tiles(
@@ -560,34 +536,42 @@ def quant_mm_wg_tiles(
     larger batches. CUDA compute capability 9.0 and bfloat16 x only; `wg_tiles_supports` says what fits."""
     from stageserve.kernels import quant_wg_tiles as qw
 
+    assert wgmma_capable(x.device), "quant_mm_wg_tiles needs a Hopper GPU (compute capability 9.0)"
+    return _launch_tiles(qw, "quant_mm_wg_tiles", (torch.bfloat16,), x, tiles, scales, offsets, config, out)
+
+
+def _launch_tiles(module, name: str, x_dtypes, x, tiles, scales, offsets, config, out) -> torch.Tensor:
+    """Check a tile-layout kernel's operands, then run `module.launch` (module.CONFIGS[0] by default)."""
     m, k = x.shape
     device = x.device
     check_launch_device(device)
-    assert wgmma_capable(device), "quant_mm_wg_tiles needs a Hopper GPU (compute capability 9.0)"
-    check_tensor(x, "x", shape=(m, k), dtypes=(torch.bfloat16,), device=device)
+    check_tensor(x, "x", shape=(m, k), dtypes=x_dtypes, device=device)
     n = tiles.shape[0] * 16
     check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
-    assert offsets is not None, "quant_mm_wg_tiles: 4-bit weights need offsets (their q is unsigned)"
+    assert offsets is not None, f"{name}: 4-bit weights need offsets (their q is unsigned)"
     group = _check_groups(scales, offsets, n, k, device)
-    assert qw.supports(n, k, group, 4, True), f"quant_mm_wg_tiles: N={n}, K={k}, group {group} does not fit"
+    assert module.supports(n, k, group, 4, True), f"{name}: N={n}, K={k}, group {group} does not fit"
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=device)
     check_tensor(out, "out", shape=(m, n), dtypes=(x.dtype,), device=device)
     if m:
-        qw.launch(x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group, config=config or qw.CONFIGS[0],
-                  sms=num_sms(device))  # fmt: skip
+        module.launch(x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group, config=config or module.CONFIGS[0],
+                      sms=num_sms(device))  # fmt: skip
     return out
+
+
+def tiles_supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
+    """Whether quant_mm_tiles can run such a weight (and this Triton has Gluon: 3.4 on)."""
+    try:
+        from stageserve.kernels import quant_tc_tiles as qt
+    except ImportError:
+        return False
+    return qt.supports(n, k, group, bits, has_offsets)
 
 
 def wg_tiles_supports(n: int, k: int, group: int, bits: int, has_offsets: bool, device: torch.device) -> bool:
     """Whether quant_mm_wg_tiles can run such a weight on `device` (a Hopper GPU, a Triton with Gluon)."""
-    if not wgmma_capable(device):
-        return False
-    try:
-        from stageserve.kernels import quant_wg_tiles as qw
-    except ImportError:
-        return False
-    return qw.supports(n, k, group, bits, has_offsets)
+    return wgmma_capable(device) and tiles_supports(n, k, group, bits, has_offsets)
 
 
 def _block_w(num_words: int, choices) -> int:

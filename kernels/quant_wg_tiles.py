@@ -29,8 +29,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from stageserve.kernels.quant_mm_gluon import launch_split_k
-from stageserve.kernels.quant_tc_tiles import tile_operand, tile_word_offsets
-from stageserve.kernels.quant_ref import TILE_COLS, TILE_ROWS
+from stageserve.kernels.quant_tc_tiles import step_k, supports, tile_operand, tile_word_offsets  # noqa: F401 (same fit)
 
 MAX_MB = 256  # wgmma's largest N
 # cp.async global -> shared: `async_load` from Triton 3.7 (the device image has 3.6, which names it otherwise)
@@ -145,18 +144,6 @@ def _wg_tiles_kernel(
     om = m0 + gl.arange(0, BLOCK_MB, layout=gl.SliceLayout(0, MMA))
     dst = out_ptr + gl.program_id(2) * stride_split + om.to(gl.int64)[None, :] * stride_om + sn[:, None]
     gl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=(om < M)[None, :] & (sn < N)[:, None])
-
-
-def step_k(group: int) -> int:
-    """Codes per K step: one group of 64 or 128 (128 codes inside a larger one)."""
-    return min(group, 128)
-
-
-def supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
-    """4-bit codes with offsets, N a multiple of 16, K steps of whole 64-column blocks inside one group."""
-    block_k = step_k(group)
-    return (bits == 4 and has_offsets and n % TILE_ROWS == 0 and block_k % TILE_COLS == 0 and group % block_k == 0
-            and k % block_k == 0)  # fmt: skip
 
 
 def block_mb(m: int, config: WgmmaConfig) -> int:
