@@ -61,6 +61,8 @@ def compile_gluon_mm(group: int, block_mb: int, config, tiles: bool = False):
 
     module, kernel = (qt, qt._tc_tiles_kernel) if tiles else (qmg, qmg._quant_mm_gluon_kernel)
     constexprs = {"GROUP": group, "BLOCK_N": config.block_n, "BLOCK_MB": block_mb, "BLOCK_K": module.step_k(group)}
+    if tiles:
+        constexprs["PREFETCH"] = config.prefetch
     signature = SIGNATURE | {"steps_per_split": "i32", "stride_split": "i32"} | {name: "constexpr" for name in constexprs}
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9)}  # pointers, K, row strides
     src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
@@ -141,7 +143,7 @@ def main() -> None:
             print(report(f"tc_g{group}_mb16_{tc.label()}", compile_gluon_mm(group, 16, tc), codes, args.dump), flush=True)
         from stageserve.kernels.quant_tc_tiles import CONFIGS as TILES
 
-        for tiles in TILES[:4]:  # the tile layout (INT4 g128), batch 1 (padded to 8) and 16
+        for tiles in TILES[:2] + TILES[7:9]:  # the tile layout (INT4 g128), batch 1 (padded to 8) and 16; prefetch 1 and 2
             codes = tiles.block_n * 128 // (32 * tiles.num_warps)
             for block_mb in (8, 16):
                 print(report(f"tiles_g128_mb{block_mb}_{tiles.label()}", compile_gluon_mm(128, block_mb, tiles, tiles=True), codes, args.dump), flush=True)

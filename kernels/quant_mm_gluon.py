@@ -144,10 +144,12 @@ def launch(x, words, scales, offsets, out, *, m, n, k, group, config: GluonMmaCo
 
 def launch_split_k(
     kernel, x, words, scales, offsets, out, *, m, n, k, group, block_k, config, sms: int, batch_tile: int | None = None,
+    **constexprs,
 ) -> None:  # fmt: skip
     """Launch a weight-tile-as-A kernel (this one's arguments, a config with block_n, num_warps and split_k)
     over [N / block_n, M / batch_tile, K splits] (default: this module's block_mb). With K split, the
-    programs write float32 partial sums to a workspace that one sum reduces (in a fixed order: deterministic)."""
+    programs write float32 partial sums to a workspace that one sum reduces (in a fixed order: deterministic).
+    `constexprs`: the kernel's own compile-time arguments beyond this one's."""
     mb = batch_tile or block_mb(m, config)
     grid_nm = (triton.cdiv(n, config.block_n), triton.cdiv(m, mb))
     steps = k // block_k
@@ -158,8 +160,8 @@ def launch_split_k(
     kernel[(*grid_nm, splits)](
         x, words, scales, offsets, dst, m, n, k,
         x.stride(0), words.stride(0), scales.stride(0), dst.stride(-2), per_split, dst.stride(0) if splits > 1 else 0,
-        GROUP=group, BLOCK_N=config.block_n, BLOCK_MB=mb, BLOCK_K=block_k,
+        GROUP=group, BLOCK_N=config.block_n, BLOCK_MB=mb, BLOCK_K=block_k, **constexprs,
         num_warps=config.num_warps,
     )  # fmt: skip
-    if splits > 1:
-        torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(dim=0))
+    if splits > 1:  # one kernel: float32 sums, rounded once into out's dtype
+        torch.sum(dst, dim=0, out=out)

@@ -29,17 +29,22 @@ from stageserve.kernels.quant_ref import TILE_COLS, TILE_ROWS
 
 @dataclass(frozen=True)
 class TileMmaConfig(GluonMmaConfig):
-    """quant_mm_gluon's launch configuration (block_n a multiple of 16 * num_warps here), named apart."""
+    """quant_mm_gluon's launch configuration (block_n a multiple of 16 * num_warps here), named apart, plus
+    how many K steps of words are loaded ahead of the one being multiplied (1 or 2)."""
+
+    prefetch: int = 1
 
     def label(self) -> str:
-        return "tiles_" + super().label().removeprefix("tc_")
+        return "tiles_" + super().label().removeprefix("tc_") + ("" if self.prefetch == 1 else f"_p{self.prefetch}")
 
 
 # Launch configurations the engine's tuner times per shape and batch bucket; the first is the default. On one
 # H100 (2026-12-05, benchmarks/results/quant_tiles_sweep_h100_2026-12-05.log) 256 x 8 won batch 1 and 4 on the
-# wide shapes and 128 x 4 batch 16; the fixed splits give batch 1 more programs than split_k()'s >= 8 K steps.
+# wide shapes and 128 x 4 batch 16. Batch 1 was short of bytes in flight (1.0-2.0 TB/s): the fixed splits give
+# it more programs than split_k()'s >= 8 K steps, and prefetch 2 twice the loads per thread.
 CONFIGS = (TileMmaConfig(128, 4), TileMmaConfig(256, 8), TileMmaConfig(64, 4), TileMmaConfig(128, 8),
-           TileMmaConfig(64, 2), TileMmaConfig(128, 4, 8), TileMmaConfig(256, 8, 8))  # fmt: skip
+           TileMmaConfig(64, 2), TileMmaConfig(128, 4, 8), TileMmaConfig(256, 8, 8), TileMmaConfig(128, 4, prefetch=2),
+           TileMmaConfig(256, 8, prefetch=2), TileMmaConfig(64, 4, prefetch=2))  # fmt: skip
 
 
 # The words of the tile layout as a program's registers hold them: [TI, TJ, g, t, jj] (16-row stripes, 64-column
@@ -80,6 +85,7 @@ def _tc_tiles_kernel(
     steps_per_split, stride_split,  # split K: program (., ., z) takes K steps [z, z + 1) * steps_per_split and
                                     # writes float32 partial sums at out_ptr + z stride_split
     GROUP: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_MB: gl.constexpr, BLOCK_K: gl.constexpr,
+    PREFETCH: gl.constexpr,
 ):  # fmt: skip
     WARPS: gl.constexpr = gl.num_warps()
     TI: gl.constexpr = BLOCK_N // 16  # 16-row tiles per program
@@ -107,12 +113,20 @@ def _tc_tiles_kernel(
     k_start = gl.program_id(2) * steps_per_split * BLOCK_K
     k_end = gl.minimum(K, k_start + steps_per_split * BLOCK_K)
     acc = gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA)
-    w_next = gl.load(w_ptr + (w_off + k_start * 2))  # a 64-column block of a stripe is 128 words
+    # the next PREFETCH steps' words load while this one is unpacked and multiplied (steps past the split's
+    # end reload the last: a select keeps the alignment a min would lose); a 64-column block is 128 words
+    w_next = gl.load(w_ptr + (w_off + k_start * 2))
+    if PREFETCH == 2:
+        w_after = gl.load(w_ptr + (w_off + gl.where(k_start + BLOCK_K < k_end, k_start + BLOCK_K, k_start) * 2))
     for k0 in range(k_start, k_end, BLOCK_K):
-        w = w_next  # the next step's words load while this one is unpacked and multiplied
-        k_next = k0 + BLOCK_K
-        k_next = gl.where(k_next < k_end, k_next, k0)  # (a select keeps the alignment a min would lose)
-        w_next = gl.load(w_ptr + (w_off + k_next * 2))
+        w = w_next
+        k_ahead = k0 + PREFETCH * BLOCK_K
+        k_ahead = gl.where(k_ahead < k_end, k_ahead, k0)
+        if PREFETCH == 2:
+            w_next = w_after
+            w_after = gl.load(w_ptr + (w_off + k_ahead * 2))
+        else:
+            w_next = gl.load(w_ptr + (w_off + k_ahead * 2))
         p0 = (w & 0x000F000F) | 0x43004300  # register s = r + 2 c of the fragment: rows g + 8 r, columns + 8 c
         p1 = ((w >> 4) & 0x000F000F) | 0x43004300
         p2 = ((w >> 8) & 0x000F000F) | 0x43004300
@@ -147,4 +161,4 @@ def launch(x, tiles, scales, offsets, out, *, m, n, k, group, config: TileMmaCon
     tiles and K splits."""
     assert config.block_n % (16 * config.num_warps) == 0, f"{config}: block_n must be a multiple of 16 * num_warps"
     launch_split_k(_tc_tiles_kernel, x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group,
-                   block_k=step_k(group), config=config, sms=sms)  # fmt: skip
+                   block_k=step_k(group), config=config, sms=sms, PREFETCH=config.prefetch)  # fmt: skip
