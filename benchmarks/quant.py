@@ -267,6 +267,7 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
                         tiles = tile_int4(p.qweight)
                         for c in TILE_CONFIGS:
                             runs[c.label()] = lambda c=c, tiles=tiles: qm.quant_mm_tiles(x, tiles, p.scales, p.offsets, config=c)
+                        runs["dq+gemm_tiles"] = lambda tiles=tiles: x @ qm.dequantize_tiles(tiles, p.scales, p.offsets, x.dtype).t()
                         if m >= 16 and qm.wg_tiles_supports(n, k, p.group_size, p.bits, True, DEVICE):
                             from stageserve.kernels.quant_wg_tiles import CONFIGS as WG_CONFIGS
 

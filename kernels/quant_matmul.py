@@ -336,6 +336,29 @@ def _dequantize_kernel(
     tl.store(out_ptr + rn64[:, None] * stride_on + k[None, :], tile.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
+@triton.jit
+def _dequantize_tiles_kernel(
+    t_ptr, s_ptr, o_ptr, out_ptr,  # t: int32 [N // 16, 2 K] in quant_ref.tile_int4's layout; out: [N, K]
+    N, K,
+    stride_t, stride_sn, stride_on,
+    GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Each output element gathers its code: row 16 i + 8 r + g, column 64 J + 16 jj + 8 c + 2 t + e is nibble
+    (r + 2 c) + 4 e of word 128 J + 4 (4 g + t) + jj of stripe i. A word serves eight elements of the tile
+    (L1 hits); the stores are row-contiguous."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (rows < N)[:, None] & (cols < K)[None, :]
+    rows64 = rows.to(tl.int64)
+    word = ((rows64 // 16) * stride_t + (rows % 8) * 16)[:, None] + ((cols // 64) * 128 + ((cols // 2) % 4) * 4 + (cols // 16) % 4)[None, :]
+    shift = 4 * (((rows // 8) % 2)[:, None] + 2 * ((cols // 8) % 2)[None, :] + 4 * (cols % 2)[None, :])
+    q = (tl.load(t_ptr + word, mask=ok, other=0) >> shift) & 0xF
+    g = (cols // GROUP)[None, :]
+    s = tl.load(s_ptr + rows64[:, None] * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + rows64[:, None] * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows64[:, None] * stride_on + cols[None, :], (q.to(tl.float32) * s + o).to(out_ptr.dtype.element_ty), mask=ok)
+
+
 # -- wrappers -----------------------------------------------------------------------------------------
 
 
@@ -684,6 +707,32 @@ def quant_mm_t(
     )  # fmt: skip
     if splits > 1:
         torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(dim=0))
+    return out
+
+
+def dequantize_tiles(
+    tiles: torch.Tensor,  # int32 [N // 16, 2 K]: quant_ref.tile_int4 of 4-bit codes
+    scales: torch.Tensor,  # [N, K // group]
+    offsets: torch.Tensor,  # [N, K // group]
+    dtype: torch.dtype,
+    *, out: torch.Tensor | None = None,  # [N, K]
+) -> torch.Tensor:  # [N, K] in dtype
+    """`dequantize` for a weight in the tile layout, read in place (no untiling first)."""
+    n, k = tiles.shape[0] * 16, tiles.shape[1] // 2
+    device = tiles.device
+    check_launch_device(device)
+    check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
+    assert offsets is not None, "dequantize_tiles: 4-bit weights need offsets (their q is unsigned)"
+    group = _check_groups(scales, offsets, n, k, device)
+    assert dtype in FLOAT_DTYPES
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype, device=device)
+    check_tensor(out, "out", shape=(n, k), dtypes=(dtype,), device=device)
+    block_r, block_c = (16, 64) if interpreting() else (32, 128)
+    _dequantize_tiles_kernel[(triton.cdiv(n, block_r), triton.cdiv(k, block_c))](
+        tiles, scales, offsets, out, n, k, tiles.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group, BLOCK_R=block_r, BLOCK_C=block_c,
+    )  # fmt: skip
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 from stageserve.kernels.quant_matmul import (
     codes_fit,
     dequantize,
+    dequantize_tiles,
     dequantize_ref,
     gluon_supports,
     pack_int4,
@@ -235,6 +236,20 @@ def test_tile_kernel_unpack_order():
     v = join(lo, hi).view(torch.bfloat16)  # [TI, TJ, g, t, jj, r, c, e]
     a = v.permute(0, 5, 2, 1, 4, 6, 3, 7).reshape(block_n, block_k)
     assert torch.equal(a.float(), 128 + q.float())
+
+
+@pytest.mark.parametrize("nk,group", [((48, 256), 64), ((32, 192), 64), ((16, 128), 128)])
+def test_dequantize_tiles_reads_the_tile_layout_in_place(device, gen, nk, group):
+    """dequantize_tiles on tile_int4's words equals dequantizing the rows layout (K = 192: a partial column
+    block; 48 rows: a partial row block)."""
+    n, k = nk
+    q = torch.randint(0, 16, (n, k), generator=gen, device=device, dtype=torch.uint8)
+    scales = (torch.rand(n, k // group, generator=gen, device=device) * 0.1 + 0.01).to(torch.float16)
+    offsets = (torch.randn(n, k // group, generator=gen, device=device) * 0.1).to(torch.float16)
+    tiles = tile_int4(pack_int4(q).cpu()).to(device)
+    out = dequantize_tiles(tiles, scales, offsets, torch.float32)
+    ref = dequantize_ref(pack_int4(q), scales, offsets, 4)
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_tile_layout_needs_whole_tiles():

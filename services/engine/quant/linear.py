@@ -209,7 +209,7 @@ class PackedLinear(QuantizedLinear):
 
                 for c in WG_CONFIGS:
                     kernels[c.label()] = lambda x, c=c: qm.quant_mm_wg_tiles(x, p.qweight, p.scales, p.offsets, config=c)
-            kernels["dequant"] = lambda x: x @ qm.dequantize(p.rows_qweight(), p.scales, p.offsets, p.bits, x.dtype).t()
+            kernels["dequant"] = lambda x: x @ qm.dequantize_tiles(p.qweight, p.scales, p.offsets, x.dtype).t()
             self._table = (p, kernels, next(iter(kernels)))
             return self._table
         codes = qm.codes_fit(p.bits, p.group_size, p.offsets is not None)
