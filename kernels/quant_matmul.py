@@ -560,6 +560,8 @@ def quant_mm_wg_tiles(
     from stageserve.kernels import quant_wg_tiles as qw
 
     assert wgmma_capable(x.device), "quant_mm_wg_tiles needs a Hopper GPU (compute capability 9.0)"
+    if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # its x tiles move by 16-byte cp.async
+        x = x.clone(memory_format=torch.contiguous_format)
     return _launch_tiles(qw, "quant_mm_wg_tiles", (torch.bfloat16,), x, tiles, scales, offsets, config, out)
 
 
