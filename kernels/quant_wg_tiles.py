@@ -101,10 +101,9 @@ def _wg_tiles_kernel(
     xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
     xm = gl.arange(0, BLOCK_MB, layout=gl.SliceLayout(1, XL))
     x_off = gl.minimum(m0 + xm, M - 1).to(gl.int64)[:, None] * stride_xm + xk[None, :]  # rows past M redo M - 1
-    # x tiles: step j's MMA reads buffer j % 3 while step j + 1's copy lands in the next; the barrier at the
-    # top of step j (after every warp's wait for step j - 1's MMA to leave at most that one in flight) frees
-    # buffer (j + 1) % 3, last read by step j - 2
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [3, BLOCK_MB, BLOCK_K], XS)
+    # x tiles: step j's MMA reads buffer j % 2 while step j + 1's copy lands in the other; the barrier at the
+    # top of step j (every warp past its wait for step j - 1's MMA) frees buffer (j + 1) % 2
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_MB, BLOCK_K], XS)
 
     k_start = gl.program_id(2) * steps_per_split * BLOCK_K
     k_end = gl.minimum(K, k_start + steps_per_split * BLOCK_K)
@@ -119,7 +118,7 @@ def _wg_tiles_kernel(
         k_next = gl.where(k_next < k_end, k_next, k0)  # (a select keeps the alignment a min would lose)
         w_next = gl.load(w_ptr + (w_off + k_next * 2))
         _cta_barrier()
-        _async_load(x_smem.index((step + 1) % 3), x_ptr + (x_off + k_next))
+        _async_load(x_smem.index((step + 1) % 2), x_ptr + (x_off + k_next))
         async_copy.commit_group()
         g = k0 // GROUP
         s0 = _bf16_pair(gl.load(s_ptr + (s_lo + g)).to(gl.float32))
@@ -135,10 +134,12 @@ def _wg_tiles_kernel(
         async_copy.wait_group(1)  # this step's x tile (this thread's part of it)
         fence_async_shared()
         _cta_barrier()  # (every thread's part)
-        acc = warpgroup_mma(a, x_smem.index(step % 3).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+        acc = warpgroup_mma(a, x_smem.index(step % 2).permute((1, 0)), acc, is_async=True)
+        # wait for this step's MMA before the next step's unpacking reuses registers: wgmma reads its A operand
+        # from registers while it runs (leaving one in flight gave wrong results on an H200 whenever the MMA
+        # outlasted the next unpack); a second warpgroup, or a second program on the SM, overlaps instead
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
         step += 1
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
     async_copy.wait_group(0)
     sn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     om = m0 + gl.arange(0, BLOCK_MB, layout=gl.SliceLayout(0, MMA))
