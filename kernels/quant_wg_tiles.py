@@ -15,8 +15,12 @@ sum per K step, here the codes become the weights themselves before the MMA, two
 so the MMA accumulates straight into the output tile: one accumulator of BLOCK_MB columns per 16 rows and
 no per-step float32 work, which is what lets a wide batch tile fit in registers. The scale and offset are
 rounded to bfloat16 first (within 2^-9 of each); the weight then matches a dequantize to bfloat16 followed by
-a GEMM. x tiles go through two shared-memory buffers: the MMA on one runs (asynchronously) while the next
-step's codes are unpacked and its x tile is stored in the other.
+a GEMM. x tiles arrive by cp.async in two shared-memory buffers: step j + 1's copy lands while step j is
+unpacked and multiplied. Each step waits for its own MMA before the next unpack, because wgmma reads its A
+registers while it runs; with one MMA left in flight the results were wrong on an H200 whenever the MMA
+outlasted the next unpack (2026-12-06). A second warpgroup, or a second program on the SM, overlaps them
+instead. Keeping the previous step's A registers alive across the wait (and so one MMA in flight) is left
+to do.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from stageserve.kernels.quant_mm_gluon import launch_split_k
 from stageserve.kernels.quant_tc_tiles import step_k, supports, tile_operand, tile_word_offsets  # noqa: F401 (same fit)
 
-MAX_MB = 256  # wgmma's largest N
 # cp.async global -> shared: `async_load` from Triton 3.7 (the device image has 3.6, which names it otherwise)
 _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # (3.6's name)
@@ -48,8 +51,10 @@ class WgmmaConfig:
         return f"wg_{self.block_n}x{self.num_warps}_m{self.block_mb}" + ("" if self.split_k is None else f"_s{self.split_k}")
 
 
-# Launch configurations the engine's tuner times per shape and batch bucket; the first is the default.
-# Accumulator registers per thread are block_n * batch tile / (32 * num_warps): 64 at 64 x 4 with 128 columns.
+# Launch configurations the engine's tuner times per shape and batch bucket; the first is the default: on one
+# H200 (2026-12-06, benchmarks/results/quant_wg_fixed_sweep_h200_2026-12-06.log) 64 x 4 with 128 columns won
+# every shape at batch 256 and most at 64, 128 x 8 the batch-16 ones. Accumulator registers per thread are
+# block_n * batch tile / (32 * num_warps): 64 at 64 x 4 with 128 columns.
 # 64 x 4 with a 256-column tile spills (sm_90a, 255 registers): 256 columns take two warpgroups.
 CONFIGS = (WgmmaConfig(64, 4, 128), WgmmaConfig(128, 8, 128), WgmmaConfig(128, 8, 256), WgmmaConfig(64, 4, 64),
            WgmmaConfig(128, 4, 64))  # fmt: skip

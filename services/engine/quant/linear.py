@@ -242,8 +242,13 @@ class PackedLinear(QuantizedLinear):
         from stageserve.kernels.quant_matmul import GEMV_MAX_M
 
         m, spec, p = x.shape[0], self.spec, self.packed
-        if p.layout == "tiles":
-            fixed = self._kernel_table()[2] if m <= spec.fused_max_batch else "dequant"
+        if p.layout == "tiles":  # warpgroup MMA from 16 rows where it runs (Hopper), else up to fused_max_batch
+            kernels, first = self._kernel_table()[1:]
+            wg = next((k for k in kernels if k.startswith("wg_")), None)
+            if wg is not None and m >= 16 and x.dtype == torch.bfloat16:
+                fixed = wg
+            else:
+                fixed = first if m <= spec.fused_max_batch else "dequant"
         else:
             fused = "mm_t64" if p.bits == 4 else "mm"  # what the tuner kept most at batch 16-64 on an H100 (BENCHMARKS.md)
             fixed = self._kernel_table()[2] if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else (fused if m <= spec.fused_max_batch else "dequant")
