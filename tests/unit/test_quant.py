@@ -23,7 +23,7 @@ from stageserve.engine.quant.formats import (
     quantize_int8,
     repack_gguf,
 )
-from stageserve.engine.quant.linear import Fp8Linear, PackedLinear, QuantSpec, _fits, cat_weights, make_linear
+from stageserve.engine.quant.linear import Fp8Linear, PackedLinear, QuantSpec, _agreeing, _fits, cat_weights, make_linear
 from stageserve.sample.params import SamplingParams
 
 Q = gguf.GGMLQuantizationType
@@ -220,6 +220,32 @@ def test_packed_linear_on_the_gpu_tunes_among_kernels_that_agree(method):
         ref = x.float() @ deq.t()
         assert ((out - ref).norm() / ref.norm()).item() < 1.2e-2, (m, layer.spec.choices)
     assert set(layer.spec.choices.values()) <= names
+
+
+def test_tuner_drops_kernels_that_disagree_with_the_reference(caplog):
+    """A candidate that miscomputes (wrong values, inf) is dropped with a warning before timing, however fast;
+    one that cannot launch is dropped quietly; rounding-level differences stay."""
+    from triton.runtime.errors import OutOfResources
+
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
+
+    def cannot_launch(_):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    candidates = {
+        "dequant": lambda x: x @ w.t(),
+        "rounded": lambda x: (x.bfloat16() @ w.bfloat16().t()).float(),
+        "wrong": lambda x: x @ w.flip(0).t(),
+        "inf": lambda x: torch.full((x.shape[0], 32), float("inf")),
+        "too_big": cannot_launch,
+    }
+    with caplog.at_level("WARNING", logger="stageserve.engine.quant.linear"):
+        kept = _agreeing(candidates, x, "dequant", ("shape",))
+    assert set(kept) == {"dequant", "rounded"}
+    assert "wrong disagrees" in caplog.text and "inf disagrees" in caplog.text and "too_big" not in caplog.text
+    nan_x = torch.full_like(x, float("nan"))  # an input whose reference is not finite decides nothing
+    assert set(_agreeing(candidates, nan_x, "dequant")) == set(candidates) - {"too_big"}
 
 
 @pytest.mark.gpu

@@ -30,6 +30,8 @@ group-aligned columns (`PackedWeight.narrow`), so a parallel linear can wrap `lo
 from __future__ import annotations
 
 import functools
+import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +47,8 @@ from stageserve.engine.quant.formats import (
     quantize_int4,
     quantize_int8,
 )
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("none", "int8", "int4", "fp8", "gguf")
 PACKED_METHODS = ("int8", "int4", "gguf")  # the PackedLinear ones
@@ -253,7 +257,7 @@ class PackedLinear(QuantizedLinear):
             fused = "mm_t64" if p.bits == 4 else "mm"  # what the tuner kept most at batch 16-64 on an H100 (BENCHMARKS.md)
             fixed = self._kernel_table()[2] if m <= min(spec.gemv_max_batch, GEMV_MAX_M) else (fused if m <= spec.fused_max_batch else "dequant")
         key = (*p.shape, p.bits, p.group_size, p.layout, _bucket(m))
-        return _choose(spec, key, fixed, lambda: {k: f for k, f in self._kernels().items() if _fits(k, x)}, x)
+        return _choose(spec, key, fixed, lambda: {k: f for k, f in self._kernels().items() if _fits(k, x)}, x, "dequant")
 
 
 def _fits(kernel: str, x: torch.Tensor) -> bool:
@@ -332,7 +336,7 @@ class Fp8Linear(QuantizedLinear):
             kernels["gemv"] = lambda _: fp8_gemv(xq, x_scale, self.weight_fp8, self.weight_scale, out_dtype)
         key = ("fp8", *self.weight_fp8.shape, self.per_row, _bucket(m))
         fixed = "gemv" if "gemv" in kernels and m <= self.spec.gemv_max_batch else "scaled_mm"
-        return kernels[_choose(self.spec, key, fixed, lambda: kernels, x)](x).to(x.dtype)
+        return kernels[_choose(self.spec, key, fixed, lambda: kernels, x, "scaled_mm")](x).to(x.dtype)
 
 
 def _bucket(m: int) -> int:
@@ -340,26 +344,50 @@ def _bucket(m: int) -> int:
     return 1 << max(0, m - 1).bit_length()
 
 
-def _choose(spec: QuantSpec, key: tuple, fixed: str, candidates, x: torch.Tensor) -> str:
+def _choose(spec: QuantSpec, key: tuple, fixed: str, candidates, x: torch.Tensor, reference: str) -> str:
     """The kernel for this shape and batch bucket: timed once per key under dispatch "tune" (outside CUDA-graph
-    capture, where nothing may sync), else the fixed rule. `candidates()` maps names to callables of x."""
+    capture, where nothing may sync), among the candidates that agree with `reference` on this x (`_agreeing`),
+    else the fixed rule. `candidates()` maps names to callables of x."""
     if spec.dispatch != "tune" or torch.cuda.is_current_stream_capturing():
         return spec.choices.get(key, fixed)
     if key not in spec.choices:
-        from triton.runtime.errors import OutOfResources
-
         from stageserve.kernels._common import cuda_graph_time  # timed in a graph: no launch costs, as in decode
 
         times = {}
-        for name, kernel in candidates().items():
-            try:
-                times[name] = cuda_graph_time(functools.partial(kernel, x))
-            except OutOfResources:  # a launch configuration this GPU cannot hold (shared memory, registers)
-                continue
+        for name, kernel in _agreeing(candidates(), x, reference, key).items():
+            times[name] = cuda_graph_time(functools.partial(kernel, x))
         if not times:
             raise RuntimeError(f"no quantized kernel can run shape {key} on this GPU")
         spec.choices[key] = min(times, key=times.get)
     return spec.choices[key]
+
+
+AGREEMENT_TOLERANCE = 2e-2  # relative L2 distance between two kernels' outputs for one weight and input
+
+
+def _agreeing(candidates: dict, x: torch.Tensor, reference: str, key: tuple = ()) -> dict:
+    """The candidates whose output on x is finite and within AGREEMENT_TOLERANCE of `reference`'s (relative L2).
+
+    Kernels of one weight differ by rounding, ~1e-3 in bfloat16. A kernel that miscomputes on this GPU, through
+    a compiler, driver or hardware difference its tests did not cover, is dropped with a warning instead of
+    being kept for being fast. One that cannot launch here (shared memory, registers) is dropped quietly. If
+    the reference's own output is not finite, the input decides nothing and every candidate that runs stays."""
+    from triton.runtime.errors import OutOfResources
+
+    ref = candidates[reference](x).float()
+    ref_norm = ref.norm().item()
+    kept = {}
+    for name, kernel in candidates.items():
+        try:
+            out = kernel(x).float()
+        except OutOfResources:
+            continue
+        err = (out - ref).norm().item() / max(ref_norm, 1e-30)
+        if not math.isfinite(ref_norm) or (math.isfinite(err) and err <= AGREEMENT_TOLERANCE):
+            kept[name] = kernel
+        else:
+            logger.warning("quantized kernel %s disagrees with %s on %s (relative error %.3g): not used", name, reference, key, err)
+    return kept
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, spec: QuantSpec | None) -> nn.Module:
