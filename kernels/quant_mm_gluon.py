@@ -163,5 +163,5 @@ def launch_split_k(
         GROUP=group, BLOCK_N=config.block_n, BLOCK_MB=mb, BLOCK_K=block_k, **constexprs,
         num_warps=config.num_warps,
     )  # fmt: skip
-    if splits > 1:  # one kernel: float32 sums, rounded once into out's dtype
+    if splits > 1:  # float32 sums, rounded once into out's dtype (torch launches a reduce and a copy: ~4 us at batch 1)
         torch.sum(dst, dim=0, out=out)
