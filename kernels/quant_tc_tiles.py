@@ -1,6 +1,7 @@
 """4-bit weights on tensor cores from the tile layout (Gluon, mma.sync m16n8k16 in bfloat16), batch 1 up.
 
-`out[M, N] = x[M, K] @ dequant(w)[N, K].T` for INT4 with offsets (group 64 or 128), computed as out.T = W x.T
+`out[M, N] = x[M, K] @ dequant(w)[N, K].T` for INT4 with offsets (group 64 or 128; GGUF Q4 blocks of 32
+through the dequantize-first path at the end), computed as out.T = W x.T
 like quant_mm_gluon.py, but from weights stored at load in the layout of `quant_ref.tile_int4` (Marlin's
 idea): each lane's 16-byte load holds exactly the codes of its A fragments for four 16 x 16 tiles, so
 
@@ -11,7 +12,9 @@ between the load and the MMA (quant_mm_gluon.py's row layout goes through shared
 layout), and a code costs about one instruction at any batch: the batch, padded to 8, is the MMA's N.
 
 A K step of BLOCK_K = 64 or 128 codes lies in one scale group: with p = sum (128 + q) x (the MMA) and
-X = sum x over the step, each output adds s p + (o - 128 s) X. The next step's words load while the current
+X = sum x over the step, each output adds s p + (o - 128 s) X. Groups smaller than a step (Q4_0/Q4_1's 32)
+take quant_wg_tiles.py's path instead: each pair of codes becomes s q + o in bfloat16 before the MMA
+(`dequant_operand`), which accumulates straight into the output. The next step's words load while the current
 ones are unpacked; K splits (a float32 workspace summed in a fixed order) fill the SMs on narrow shapes.
 """
 
@@ -78,6 +81,56 @@ def tile_operand(p0, p1, p2, p3, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, A
 
 
 @gluon.jit
+def _dequant_pairs(codes, s, o):
+    """int32 words of bfloat16 pairs 128 + q (low half first) -> the pairs q * s + o: q exactly (fma with 1 and
+    -128), then one rounding (fma with the row's scale and offset pairs)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 one, m128, q; mov.b32 one, 0x3F803F80; mov.b32 m128, 0xC300C300;\n"
+        "fma.rn.bf16x2 q, $1, one, m128; fma.rn.bf16x2 $0, q, $2, $3; }",
+        "=r,r,r,r", [codes, s, o], dtype=gl.int32, is_pure=True, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _bf16_pair(v):
+    """float32 -> int32 word holding the bfloat16 value twice."""
+    h = v.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@gluon.jit
+def dequant_operand(w, s_ptr, o_ptr, s_lo, stride_sn, k0, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+                    BLOCK_K: gl.constexpr, AL: gl.constexpr, WL: gl.constexpr):  # fmt: skip
+    """A step's words [TI, TJ, g, t, jj] -> the A operand of weights s q + o in bfloat16, two fma.rn.bf16x2 per
+    pair of codes. s_lo [TI, 1, 8, 1, 1]: offsets of the lane's rows 16 i + g in the scales (row 16 i + 8 + g is
+    8 rows on). A group that holds the whole step takes one scale per row; smaller groups (a multiple of 16:
+    a word's codes lie in one 16-column tile) one per row and word."""
+    if GROUP % BLOCK_K == 0:
+        at = s_lo + k0 // GROUP
+    else:
+        TJ: gl.constexpr = BLOCK_K // 64
+        wj = gl.arange(0, TJ, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, WL)))))
+        ww = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WL)))))
+        at = s_lo + ((k0 + 64 * wj[None, :, None, None, None] + 16 * ww[None, None, None, None, :]) // GROUP)
+    s0 = _bf16_pair(gl.load(s_ptr + at).to(gl.float32))
+    s1 = _bf16_pair(gl.load(s_ptr + (at + 8 * stride_sn)).to(gl.float32))
+    o0 = _bf16_pair(gl.load(o_ptr + at).to(gl.float32))
+    o1 = _bf16_pair(gl.load(o_ptr + (at + 8 * stride_sn)).to(gl.float32))
+    # register s = r + 2 c of the fragment: rows g + 8 r, columns + 8 c; each the pair (128 + q) -> w
+    p0 = _dequant_pairs((w & 0x000F000F) | 0x43004300, s0, o0)
+    p1 = _dequant_pairs(((w >> 4) & 0x000F000F) | 0x43004300, s1, o1)
+    p2 = _dequant_pairs(((w >> 8) & 0x000F000F) | 0x43004300, s0, o0)
+    p3 = _dequant_pairs(((w >> 12) & 0x000F000F) | 0x43004300, s1, o1)
+    return tile_operand(p0, p1, p2, p3, BLOCK_N, BLOCK_K, AL)
+
+
+@gluon.jit
+def scale_row_offsets(stripes, stride_sn, WL: gl.constexpr):
+    """[TI, 1, 8, 1, 1] offsets of rows 16 i + g (lane 4 g + t) in the scales, for dequant_operand."""
+    wg = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, WL)))))
+    return (stripes * 16)[:, None, None, None, None] * stride_sn + (wg * stride_sn)[None, None, :, None, None]
+
+
+@gluon.jit
 def _tc_tiles_kernel(
     x_ptr, w_ptr, s_ptr, o_ptr, out_ptr,
     M, N, K,
@@ -109,6 +162,8 @@ def _tc_tiles_kernel(
     ones = gl.full([BLOCK_N, BLOCK_K], 1.0, gl.bfloat16, AL)
     sn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
     s_rows = gl.minimum(sn, N - 1).to(gl.int64) * stride_sn
+    if GROUP % BLOCK_K != 0:
+        s_lo = scale_row_offsets(stripes, stride_sn, WL)
 
     k_start = gl.program_id(2) * steps_per_split * BLOCK_K
     k_end = gl.minimum(K, k_start + steps_per_split * BLOCK_K)
@@ -127,32 +182,37 @@ def _tc_tiles_kernel(
             w_after = gl.load(w_ptr + (w_off + k_ahead * 2))
         else:
             w_next = gl.load(w_ptr + (w_off + k_ahead * 2))
-        p0 = (w & 0x000F000F) | 0x43004300  # register s = r + 2 c of the fragment: rows g + 8 r, columns + 8 c
-        p1 = ((w >> 4) & 0x000F000F) | 0x43004300
-        p2 = ((w >> 8) & 0x000F000F) | 0x43004300
-        p3 = ((w >> 12) & 0x000F000F) | 0x43004300
-        a = tile_operand(p0, p1, p2, p3, BLOCK_N, BLOCK_K, AL)
-        b = gl.load(x_ptr + (x_off + k0)).to(gl.bfloat16)  # [BLOCK_K, BLOCK_MB]
-        part = mma_v2(a, b, gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA))
-        xs = mma_v2(ones, b, gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA))
-        g = k0 // GROUP
-        s = gl.load(s_ptr + s_rows + g).to(gl.float32)
-        o = gl.load(o_ptr + s_rows + g).to(gl.float32)
-        acc += s[:, None] * part + (o - 128.0 * s)[:, None] * xs
+        if GROUP % BLOCK_K == 0:  # the step in one group: raw codes on the tensor cores, the group's scale after
+            p0 = (w & 0x000F000F) | 0x43004300  # register s = r + 2 c of the fragment: rows g + 8 r, columns + 8 c
+            p1 = ((w >> 4) & 0x000F000F) | 0x43004300
+            p2 = ((w >> 8) & 0x000F000F) | 0x43004300
+            p3 = ((w >> 12) & 0x000F000F) | 0x43004300
+            a = tile_operand(p0, p1, p2, p3, BLOCK_N, BLOCK_K, AL)
+            b = gl.load(x_ptr + (x_off + k0)).to(gl.bfloat16)  # [BLOCK_K, BLOCK_MB]
+            part = mma_v2(a, b, gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA))
+            xs = mma_v2(ones, b, gl.zeros([BLOCK_N, BLOCK_MB], gl.float32, MMA))
+            g = k0 // GROUP
+            s = gl.load(s_ptr + s_rows + g).to(gl.float32)
+            o = gl.load(o_ptr + s_rows + g).to(gl.float32)
+            acc += s[:, None] * part + (o - 128.0 * s)[:, None] * xs
+        else:  # smaller groups (GGUF's blocks of 32): the codes become weights before the MMA
+            a = dequant_operand(w, s_ptr, o_ptr, s_lo, stride_sn, k0, GROUP, BLOCK_N, BLOCK_K, AL, WL)
+            acc = mma_v2(a, gl.load(x_ptr + (x_off + k0)).to(gl.bfloat16), acc)
     om = m0 + gl.arange(0, BLOCK_MB, layout=gl.SliceLayout(0, MMA))
     dst = out_ptr + gl.program_id(2) * stride_split + om.to(gl.int64)[None, :] * stride_om + sn[:, None]
     gl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=(om < M)[None, :] & (sn < N)[:, None])
 
 
 def step_k(group: int) -> int:
-    """Codes per K step: one group of 64 or 128 (128 codes inside a larger one)."""
-    return min(group, 128)
+    """Codes per K step: one group of 64 or 128 (128 codes inside a larger one); 64 for groups under 64."""
+    return min(group, 128) if group >= TILE_COLS else TILE_COLS
 
 
 def supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
-    """4-bit codes with offsets, N a multiple of 16, K steps of whole 64-column blocks inside one group."""
+    """4-bit codes with offsets, N a multiple of 16, K whole steps of 64-column blocks, groups a multiple of 16
+    (a word's codes in one group). A step inside one group scales after the MMA; smaller groups before it."""
     block_k = step_k(group)
-    return (bits == 4 and has_offsets and n % TILE_ROWS == 0 and block_k % TILE_COLS == 0 and group % block_k == 0
+    return (bits == 4 and has_offsets and n % TILE_ROWS == 0 and group % 16 == 0 and block_k % TILE_COLS == 0
             and k % block_k == 0)  # fmt: skip
 
 

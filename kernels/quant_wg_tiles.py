@@ -1,6 +1,7 @@
 """4-bit weights on Hopper's warpgroup MMA from the tile layout (Gluon, wgmma m64nNk16 in bfloat16), batch 16 up.
 
-`out[M, N] = x[M, K] @ dequant(w)[N, K].T` for INT4 with offsets (group 64 or 128), computed as out.T = W x.T
+`out[M, N] = x[M, K] @ dequant(w)[N, K].T` for INT4 with offsets (group 64 or 128, or GGUF Q4's 32: a scale
+per word), computed as out.T = W x.T
 from weights in `quant_ref.tile_int4`'s layout, like quant_tc_tiles.py. wgmma takes its A operand from
 registers in the same per-warp fragments as mma.sync, so a lane's 16-byte load is still exactly its A
 registers for four 16 x 16 tiles; the batch, padded to a multiple of 16, is the MMA's N (up to 256), and x.T
@@ -33,7 +34,13 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from stageserve.kernels.quant_mm_gluon import launch_split_k
-from stageserve.kernels.quant_tc_tiles import step_k, supports, tile_operand, tile_word_offsets  # noqa: F401 (same fit)
+from stageserve.kernels.quant_tc_tiles import (  # noqa: F401 (step_k, supports: the same fit)
+    dequant_operand,
+    scale_row_offsets,
+    step_k,
+    supports,
+    tile_word_offsets,
+)
 
 # cp.async global -> shared: `async_load` from Triton 3.7 (the device image has 3.6, which names it otherwise)
 _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -61,23 +68,6 @@ CONFIGS = (WgmmaConfig(64, 4, 128), WgmmaConfig(128, 8, 128), WgmmaConfig(128, 8
 
 
 @gluon.jit
-def _dequant_pairs(codes, s, o):
-    """int32 words of bfloat16 pairs 128 + q (low half first) -> the pairs q * s + o: q exactly (fma with 1 and
-    -128), then one rounding (fma with the row's scale and offset pairs)."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .b32 one, m128, q; mov.b32 one, 0x3F803F80; mov.b32 m128, 0xC300C300;\n"
-        "fma.rn.bf16x2 q, $1, one, m128; fma.rn.bf16x2 $0, q, $2, $3; }",
-        "=r,r,r,r", [codes, s, o], dtype=gl.int32, is_pure=True, pack=1)  # fmt: skip
-
-
-@gluon.jit
-def _bf16_pair(v):
-    """float32 -> int32 word holding the bfloat16 value twice."""
-    h = v.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    return h | (h << 16)
-
-
-@gluon.jit
 def _wg_tiles_kernel(
     x_ptr, w_ptr, s_ptr, o_ptr, out_ptr,
     M, N, K,
@@ -99,10 +89,7 @@ def _wg_tiles_kernel(
     pid_n = gl.program_id(0)
     m0 = gl.program_id(1) * BLOCK_MB
     w_off, stripes = tile_word_offsets(pid_n, N, stride_wn, TI, TJ, WL)
-    wg = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, WL)))))
-    # a lane's scales and offsets: rows 16 i + g (registers r = 0) and 16 i + 8 + g (r = 1) of each stripe
-    s_lo = (stripes * 16)[:, None, None, None, None] * stride_sn + (wg * stride_sn)[None, None, :, None, None]
-    s_hi = s_lo + 8 * stride_sn
+    s_lo = scale_row_offsets(stripes, stride_sn, WL)  # a lane's rows 16 i + g (and 16 i + 8 + g) in the scales
     xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, XL))
     xm = gl.arange(0, BLOCK_MB, layout=gl.SliceLayout(1, XL))
     x_off = gl.minimum(m0 + xm, M - 1).to(gl.int64)[:, None] * stride_xm + xk[None, :]  # rows past M redo M - 1
@@ -125,17 +112,7 @@ def _wg_tiles_kernel(
         _cta_barrier()
         _async_load(x_smem.index((step + 1) % 2), x_ptr + (x_off + k_next))
         async_copy.commit_group()
-        g = k0 // GROUP
-        s0 = _bf16_pair(gl.load(s_ptr + (s_lo + g)).to(gl.float32))
-        s1 = _bf16_pair(gl.load(s_ptr + (s_hi + g)).to(gl.float32))
-        o0 = _bf16_pair(gl.load(o_ptr + (s_lo + g)).to(gl.float32))
-        o1 = _bf16_pair(gl.load(o_ptr + (s_hi + g)).to(gl.float32))
-        # register s = r + 2 c of the fragment: rows g + 8 r, columns + 8 c; each the pair (128 + q) -> w
-        p0 = _dequant_pairs((w & 0x000F000F) | 0x43004300, s0, o0)
-        p1 = _dequant_pairs(((w >> 4) & 0x000F000F) | 0x43004300, s1, o1)
-        p2 = _dequant_pairs(((w >> 8) & 0x000F000F) | 0x43004300, s0, o0)
-        p3 = _dequant_pairs(((w >> 12) & 0x000F000F) | 0x43004300, s1, o1)
-        a = tile_operand(p0, p1, p2, p3, BLOCK_N, BLOCK_K, AL)
+        a = dequant_operand(w, s_ptr, o_ptr, s_lo, stride_sn, k0, GROUP, BLOCK_N, BLOCK_K, AL, WL)
         async_copy.wait_group(1)  # this step's x tile (this thread's part of it)
         fence_async_shared()
         _cta_barrier()  # (every thread's part)

@@ -257,9 +257,23 @@ def test_tile_layout_needs_whole_tiles():
         tile_int4(torch.zeros(40, 64, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize(
+    "n,k,group,fits",
+    [(6144, 4096, 128, True), (4096, 14336, 64, True), (960, 576, 32, True), (960, 576, 128, False),  # 576 % 128
+     (960, 576, 48, True), (960, 576, 24, False), (40, 576, 32, False)],  # a word's 16 columns in one group; N % 16
+)  # fmt: skip
+def test_tile_kernels_fit_groups_of_16_and_up_in_whole_steps(n, k, group, fits):
+    """Groups that hold a whole K step are scaled after the MMA; smaller ones (GGUF Q4's 32) before it."""
+    from stageserve.kernels.quant_tc_tiles import step_k, supports
+
+    assert supports(n, k, group, 4, True) == fits
+    assert not supports(n, k, group, 4, False) and not supports(n, k, group, 8, True)
+    assert step_k(group) == (64 if group < 64 else min(group, 128))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 33, 64, 100, 256])
-@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g64"])
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g64", "q4_1"])
 @pytest.mark.parametrize("nk", [(6144, 4096), (960, 576), (4096, 14336)])
 def test_quant_mm_tiles(device, gen, fmt, m, nk):
     """INT4 from the tile layout against the reference, every launch configuration, batches that are and are
@@ -280,7 +294,7 @@ def test_quant_mm_tiles(device, gen, fmt, m, nk):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [16, 33, 64, 100, 256])
-@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g64"])
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g64", "q4_1"])
 @pytest.mark.parametrize("nk", [(6144, 4096), (960, 576), (4096, 14336)])
 def test_quant_mm_wg_tiles(device, gen, fmt, m, nk):
     """INT4 from the tile layout on warpgroup MMA (Hopper) against the reference, every launch configuration:

@@ -249,17 +249,18 @@ def test_tuner_drops_kernels_that_disagree_with_the_reference(caplog):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["int4", "gguf"])
-def test_int4_tiles_layout_on_the_gpu_runs_tile_kernels_that_agree(method):
-    """quant_int4_layout="tiles": a 4-bit weight with offsets is re-laid at load (same bytes) and every batch
-    runs the tile kernels or dequantize + GEMM; Q4 blocks (group 32) do not fit and stay in rows."""
+@pytest.mark.parametrize("method,gguf_type", [("int4", "q4_1"), ("gguf", "q4_1"), ("gguf", "q4_0"), ("gguf", "q8_0")])
+def test_int4_tiles_layout_on_the_gpu_runs_tile_kernels_that_agree(method, gguf_type):
+    """quant_int4_layout="tiles": a 4-bit weight with offsets (INT4 groups, GGUF Q4 blocks of 32) is re-laid at
+    load (same bytes) and every batch runs the tile kernels or dequantize + GEMM; 8-bit blocks stay in rows."""
     device = torch.device("cuda")
-    layer = make_linear(576, 1536, False, QuantSpec(method=method, int4_layout="tiles"))
+    layer = make_linear(576, 1536, False, QuantSpec(method=method, int4_layout="tiles", gguf_type=gguf_type))
     w = weight(1536, 576)
     layer.load(w, device)
-    tiled = method == "int4"
+    tiled = gguf_type != "q8_0" or method == "int4"
     assert layer.packed.layout == ("tiles" if tiled else "rows")
-    assert layer.weight_bytes() == make_linear(576, 1536, False, QuantSpec(method=method)).quantize(w).nbytes
+    rows = make_linear(576, 1536, False, QuantSpec(method=method, gguf_type=gguf_type))
+    assert layer.weight_bytes() == rows.quantize(w).nbytes
     kernels = layer._kernels()
     assert all(n.startswith(("tc_tiles", "wg_")) or n == "dequant" for n in kernels) == tiled
     assert any(n.startswith("wg_") for n in kernels) == (tiled and torch.cuda.get_device_capability() == (9, 0))
