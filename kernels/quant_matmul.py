@@ -341,22 +341,30 @@ def _dequantize_tiles_kernel(
     t_ptr, s_ptr, o_ptr, out_ptr,  # t: int32 [N // 16, 2 K] in quant_ref.tile_int4's layout; out: [N, K]
     N, K,
     stride_t, stride_sn, stride_on,
-    GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,  # stripes, 64-column blocks per program
 ):  # fmt: skip
-    """Each output element gathers its code: row 16 i + 8 r + g, column 64 J + 16 jj + 8 c + 2 t + e is nibble
-    (r + 2 c) + 4 e of word 128 J + 4 (4 g + t) + jj of stripe i. A word serves eight elements of the tile
-    (L1 hits); the stores are row-contiguous."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """Words are read once, coalesced: a stripe's 64-column block is 128 consecutive words [g, t, jj] (lane
+    4 g + t, tile jj), and nibble (r + 2 c) + 4 e of a word is row 16 i + 8 r + g, column 64 J + 16 jj + 8 c +
+    2 t + e. The codes are put in row order in registers (a permute Triton routes through shared memory), so
+    the stores are row-contiguous too."""
+    i = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    lane_word = tl.arange(0, 128)  # (4 g + t) * 4 + jj
+    ok = (i < N // 16)[:, None, None] & (j < K // 64)[None, :, None]
+    words = tl.load(t_ptr + i.to(tl.int64)[:, None, None] * stride_t + (j * 128)[None, :, None] + lane_word[None, None, :], mask=ok, other=0)
+    words = tl.reshape(words, (BLOCK_S, BLOCK_J, 8, 4, 4))  # [i, J, g, t, jj]
+    r = tl.arange(0, 2)
+    shift = 4 * (r[:, None, None] + 2 * r[None, :, None] + 4 * r[None, None, :])  # nibble (r + 2 c) + 4 e: [r, c, e]
+    q = (words[:, :, :, :, :, None, None, None] >> shift[None, None, None, None, None, :, :, :]) & 0xF
+    q = tl.reshape(tl.permute(q, (0, 5, 2, 1, 4, 6, 3, 7)), (BLOCK_S * 16, BLOCK_J * 64))  # [i r g, J jj c t e]
+    rows = tl.program_id(0) * BLOCK_S * 16 + tl.arange(0, BLOCK_S * 16)
+    cols = tl.program_id(1) * BLOCK_J * 64 + tl.arange(0, BLOCK_J * 64)
     ok = (rows < N)[:, None] & (cols < K)[None, :]
-    rows64 = rows.to(tl.int64)
-    word = ((rows64 // 16) * stride_t + (rows % 8) * 16)[:, None] + ((cols // 64) * 128 + ((cols // 2) % 4) * 4 + (cols // 16) % 4)[None, :]
-    shift = 4 * (((rows // 8) % 2)[:, None] + 2 * ((cols // 8) % 2)[None, :] + 4 * (cols % 2)[None, :])
-    q = (tl.load(t_ptr + word, mask=ok, other=0) >> shift) & 0xF
-    g = (cols // GROUP)[None, :]
-    s = tl.load(s_ptr + rows64[:, None] * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
-    o = tl.load(o_ptr + rows64[:, None] * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows64[:, None] * stride_on + cols[None, :], (q.to(tl.float32) * s + o).to(out_ptr.dtype.element_ty), mask=ok)
+    at = rows.to(tl.int64)[:, None] * stride_sn + (cols // GROUP)[None, :]
+    s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    dst = out_ptr + rows.to(tl.int64)[:, None] * stride_on + cols[None, :]
+    tl.store(dst, (q.to(tl.float32) * s + o).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # -- wrappers -----------------------------------------------------------------------------------------
@@ -718,6 +726,7 @@ def dequantize_tiles(
     offsets: torch.Tensor,  # [N, K // group]
     dtype: torch.dtype,
     *, out: torch.Tensor | None = None,  # [N, K]
+    blocks: tuple[int, int] | None = None,  # (stripes, 64-column blocks) per program; default by device
 ) -> torch.Tensor:  # [N, K] in dtype
     """`dequantize` for a weight in the tile layout, read in place (no untiling first)."""
     n, k = tiles.shape[0] * 16, tiles.shape[1] // 2
@@ -730,10 +739,10 @@ def dequantize_tiles(
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=device)
     check_tensor(out, "out", shape=(n, k), dtypes=(dtype,), device=device)
-    block_r, block_c = (16, 64) if interpreting() else (32, 128)
-    _dequantize_tiles_kernel[(triton.cdiv(n, block_r), triton.cdiv(k, block_c))](
+    block_s, block_j = blocks or ((1, 1) if interpreting() else (2, 2))
+    _dequantize_tiles_kernel[(triton.cdiv(n // 16, block_s), triton.cdiv(k // 64, block_j))](
         tiles, scales, offsets, out, n, k, tiles.stride(0), scales.stride(0), out.stride(0),
-        GROUP=group, BLOCK_R=block_r, BLOCK_C=block_c,
+        GROUP=group, BLOCK_S=block_s, BLOCK_J=block_j,
     )  # fmt: skip
     return out
 

@@ -238,7 +238,7 @@ def test_tile_kernel_unpack_order():
     assert torch.equal(a.float(), 128 + q.float())
 
 
-@pytest.mark.parametrize("nk,group", [((48, 256), 64), ((32, 192), 64), ((16, 128), 128)])
+@pytest.mark.parametrize("nk,group", [((48, 256), 64), ((32, 192), 64), ((16, 128), 128), ((48, 192), 32)])
 def test_dequantize_tiles_reads_the_tile_layout_in_place(device, gen, nk, group):
     """dequantize_tiles on tile_int4's words equals dequantizing the rows layout (K = 192: a partial column
     block; 48 rows: a partial row block)."""
@@ -247,9 +247,10 @@ def test_dequantize_tiles_reads_the_tile_layout_in_place(device, gen, nk, group)
     scales = (torch.rand(n, k // group, generator=gen, device=device) * 0.1 + 0.01).to(torch.float16)
     offsets = (torch.randn(n, k // group, generator=gen, device=device) * 0.1).to(torch.float16)
     tiles = tile_int4(pack_int4(q).cpu()).to(device)
-    out = dequantize_tiles(tiles, scales, offsets, torch.float32)
     ref = dequantize_ref(pack_int4(q), scales, offsets, 4)
-    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for blocks in (None, (2, 2)):  # (2, 2): partial blocks of stripes and columns at these shapes
+        out = dequantize_tiles(tiles, scales, offsets, torch.float32, blocks=blocks)
+        assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6), blocks
 
 
 def test_tile_layout_needs_whole_tiles():
