@@ -40,6 +40,7 @@ from stageserve.engine.quant.formats import quantize_fp8  # noqa: E402
 from stageserve.engine.quant.linear import Fp8Linear, PackedLinear, QuantSpec, linear_weight_bytes  # noqa: E402
 from stageserve.engine.runner import ModelRunner  # noqa: E402
 from stageserve.kernels import quant_matmul as qm  # noqa: E402
+from stageserve.kernels import quant_tiles as qtl  # noqa: E402
 
 RESULTS: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
@@ -260,19 +261,19 @@ def sweep_phase(shapes, batches, iters: int, formats=("int4", "int8", "fp8"), ke
                         for c in MMT_CONFIGS:
                             if c["mode"] != "codes" or qm.codes_fit(p.bits, p.group_size, p.offsets is not None):
                                 runs["mmt_" + "_".join(f"{v}" for v in c.values())] = lambda c=c: _mm_t(x, args, c)
-                    if ON_GPU and qm.tiles_supports(n, k, p.group_size, p.bits, p.offsets is not None):
+                    if ON_GPU and qtl.tiles_supports(n, k, p.group_size, p.bits, p.offsets is not None):
                         from stageserve.kernels.quant_ref import tile_int4
                         from stageserve.kernels.quant_tc_tiles import CONFIGS as TILE_CONFIGS
 
                         tiles = tile_int4(p.qweight)
                         for c in TILE_CONFIGS:
-                            runs[c.label()] = lambda c=c, tiles=tiles: qm.quant_mm_tiles(x, tiles, p.scales, p.offsets, config=c)
-                        runs["dq+gemm_tiles"] = lambda tiles=tiles: x @ qm.dequantize_tiles(tiles, p.scales, p.offsets, x.dtype).t()
-                        if m >= 16 and qm.wg_tiles_supports(n, k, p.group_size, p.bits, True, DEVICE):
+                            runs[c.label()] = lambda c=c, tiles=tiles: qtl.quant_mm_tiles(x, tiles, p.scales, p.offsets, config=c)
+                        runs["dq+gemm_tiles"] = lambda tiles=tiles: x @ qtl.dequantize_tiles(tiles, p.scales, p.offsets, x.dtype).t()
+                        if m >= 16 and qtl.wg_tiles_supports(n, k, p.group_size, p.bits, True, DEVICE):
                             from stageserve.kernels.quant_wg_tiles import CONFIGS as WG_CONFIGS
 
                             for c in WG_CONFIGS:
-                                runs[c.label()] = lambda c=c, tiles=tiles: qm.quant_mm_wg_tiles(x, tiles, p.scales, p.offsets, config=c)
+                                runs[c.label()] = lambda c=c, tiles=tiles: qtl.quant_mm_wg_tiles(x, tiles, p.scales, p.offsets, config=c)
                     runs["dq+gemm"] = lambda: x @ qm.dequantize(*args, x.dtype).t()
                     ref = x.float() @ p.dequantize().to(DEVICE).float().t()
                 if kernels:

@@ -17,8 +17,7 @@ and GGUF Q8_0 (group 32):
     quant_gemv_gluon, quant_mm_gluon   CUDA only: the GEMV with explicit register layouts (quant_gemv_gluon.py)
                 and 4-bit codes on tensor cores (quant_mm_gluon.py); the engine's tuner times them with the rest.
     quant_mm_tiles   CUDA only: INT4 on tensor cores from weights re-laid at load in the MMA's fragment order
-                (quant_ref.tile_int4, quant_tc_tiles.py), at any batch; on Hopper, `quant_mm_wg_tiles` runs the same layout
-on warpgroup MMA (quant_wg_tiles.py) for the larger batches.
+                (quant_ref.tile_int4, quant_tc_tiles.py, quant_wg_tiles.py): their entry points are in quant_tiles.py.
 
 Code p of word j of a row is element PER * j + p (PER = 8 nibbles or 4 bytes a word), so a "plane" (code p
 of every word in a tile) meets the inputs x[PER * j + p]: strided loads of x, which are few (x is tiny
@@ -42,7 +41,6 @@ from stageserve.kernels._common import (
     mma,
     next_pow2,
     num_sms,
-    wgmma_capable,
 )
 from stageserve.kernels.quant_ref import dequantize_ref, pack_int4, quant_matmul_ref, unpack_int4  # noqa: F401 (re-exported)
 
@@ -336,37 +334,6 @@ def _dequantize_kernel(
     tl.store(out_ptr + rn64[:, None] * stride_on + k[None, :], tile.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
-@triton.jit
-def _dequantize_tiles_kernel(
-    t_ptr, s_ptr, o_ptr, out_ptr,  # t: int32 [N // 16, 2 K] in quant_ref.tile_int4's layout; out: [N, K]
-    N, K,
-    stride_t, stride_sn, stride_on,
-    GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,  # stripes, 64-column blocks per program
-):  # fmt: skip
-    """Words are read once, coalesced: a stripe's 64-column block is 128 consecutive words [g, t, jj] (lane
-    4 g + t, tile jj), and nibble (r + 2 c) + 4 e of a word is row 16 i + 8 r + g, column 64 J + 16 jj + 8 c +
-    2 t + e. The codes are put in row order in registers (a permute Triton routes through shared memory), so
-    the stores are row-contiguous too."""
-    i = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    lane_word = tl.arange(0, 128)  # (4 g + t) * 4 + jj
-    ok = (i < N // 16)[:, None, None] & (j < K // 64)[None, :, None]
-    words = tl.load(t_ptr + i.to(tl.int64)[:, None, None] * stride_t + (j * 128)[None, :, None] + lane_word[None, None, :], mask=ok, other=0)
-    words = tl.reshape(words, (BLOCK_S, BLOCK_J, 8, 4, 4))  # [i, J, g, t, jj]
-    r = tl.arange(0, 2)
-    shift = 4 * (r[:, None, None] + 2 * r[None, :, None] + 4 * r[None, None, :])  # nibble (r + 2 c) + 4 e: [r, c, e]
-    q = (words[:, :, :, :, :, None, None, None] >> shift[None, None, None, None, None, :, :, :]) & 0xF
-    q = tl.reshape(tl.permute(q, (0, 5, 2, 1, 4, 6, 3, 7)), (BLOCK_S * 16, BLOCK_J * 64))  # [i r g, J jj c t e]
-    rows = tl.program_id(0) * BLOCK_S * 16 + tl.arange(0, BLOCK_S * 16)
-    cols = tl.program_id(1) * BLOCK_J * 64 + tl.arange(0, BLOCK_J * 64)
-    ok = (rows < N)[:, None] & (cols < K)[None, :]
-    at = rows.to(tl.int64)[:, None] * stride_sn + (cols // GROUP)[None, :]
-    s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    o = tl.load(o_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    dst = out_ptr + rows.to(tl.int64)[:, None] * stride_on + cols[None, :]
-    tl.store(dst, (q.to(tl.float32) * s + o).to(out_ptr.dtype.element_ty), mask=ok)
-
-
 # -- wrappers -----------------------------------------------------------------------------------------
 
 
@@ -376,14 +343,14 @@ def _check_weight(qweight, scales, offsets, bits: int, k: int, device) -> tuple[
     n = qweight.shape[0]
     check_tensor(qweight, "qweight", shape=(n, k // (8 // bits)), dtypes=(torch.uint8 if bits == 4 else torch.int8,), device=device)
     assert qweight.stride(0) == qweight.shape[1], "qweight must be contiguous"
-    group = _check_groups(scales, offsets, n, k, device)
+    group = check_groups(scales, offsets, n, k, device)
     per_channel = scales.shape[1] == 1
     assert per_channel or group % 32 == 0, f"group size {group} must be a multiple of 32"
     assert per_channel or offsets is not None or bits == 8, "4-bit weights need offsets (their q is unsigned)"
     return n, group, per_channel
 
 
-def _check_groups(scales, offsets, n: int, k: int, device) -> int:
+def check_groups(scales, offsets, n: int, k: int, device) -> int:
     """Assert the scales' and offsets' layout for an [N, K] weight; returns the group size."""
     num_groups = scales.shape[1]
     assert num_groups >= 1 and k % num_groups == 0, f"K={k} is not a multiple of the {num_groups} scale groups"
@@ -537,76 +504,6 @@ def mm_gluon_supports(qweight: torch.Tensor, scales: torch.Tensor, offsets, bits
     return fit is not None and offsets is not None and qmg.supports(*fit, bits)
 
 
-def quant_mm_tiles(
-    x: torch.Tensor,  # [M, K]
-    tiles: torch.Tensor,  # int32 [N // 16, 2 K]: quant_ref.tile_int4 of the 4-bit codes
-    scales: torch.Tensor,  # [N, K // group]
-    offsets: torch.Tensor,  # [N, K // group]
-    *,
-    config=None,  # a quant_tc_tiles.TileMmaConfig; default its CONFIGS[0]
-    out: torch.Tensor | None = None,  # [M, N]
-) -> torch.Tensor:  # [M, N]
-    """INT4 with offsets on tensor cores from the tile layout (kernels/quant_tc_tiles.py), any batch. CUDA
-    only; `tiles_supports` says whether a weight fits."""
-    from stageserve.kernels import quant_tc_tiles as qt
-
-    assert gluon_capable(x.device), "quant_mm_tiles needs a CUDA device of compute capability >= 8.0"
-    return _launch_tiles(qt, "quant_mm_tiles", FLOAT_DTYPES, x, tiles, scales, offsets, config, out)
-
-
-def quant_mm_wg_tiles(
-    x: torch.Tensor,  # [M, K] bfloat16
-    tiles: torch.Tensor,  # int32 [N // 16, 2 K]: quant_ref.tile_int4 of the 4-bit codes
-    scales: torch.Tensor,  # [N, K // group]
-    offsets: torch.Tensor,  # [N, K // group]
-    *,
-    config=None,  # a quant_wg_tiles.WgmmaConfig; default its CONFIGS[0]
-    out: torch.Tensor | None = None,  # [M, N]
-) -> torch.Tensor:  # [M, N]
-    """INT4 with offsets from the tile layout on Hopper's warpgroup MMA (kernels/quant_wg_tiles.py): the
-    larger batches. CUDA compute capability 9.0 and bfloat16 x only; `wg_tiles_supports` says what fits."""
-    from stageserve.kernels import quant_wg_tiles as qw
-
-    assert wgmma_capable(x.device), "quant_mm_wg_tiles needs a Hopper GPU (compute capability 9.0)"
-    if x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) != 1:  # its x tiles move by 16-byte cp.async
-        x = x.clone(memory_format=torch.contiguous_format)
-    return _launch_tiles(qw, "quant_mm_wg_tiles", (torch.bfloat16,), x, tiles, scales, offsets, config, out)
-
-
-def _launch_tiles(module, name: str, x_dtypes, x, tiles, scales, offsets, config, out) -> torch.Tensor:
-    """Check a tile-layout kernel's operands, then run `module.launch` (module.CONFIGS[0] by default)."""
-    m, k = x.shape
-    device = x.device
-    check_launch_device(device)
-    check_tensor(x, "x", shape=(m, k), dtypes=x_dtypes, device=device)
-    n = tiles.shape[0] * 16
-    check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
-    assert offsets is not None, f"{name}: 4-bit weights need offsets (their q is unsigned)"
-    group = _check_groups(scales, offsets, n, k, device)
-    assert module.supports(n, k, group, 4, True), f"{name}: N={n}, K={k}, group {group} does not fit"
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=device)
-    check_tensor(out, "out", shape=(m, n), dtypes=(x.dtype,), device=device)
-    if m:
-        module.launch(x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group, config=config or module.CONFIGS[0],
-                      sms=num_sms(device))  # fmt: skip
-    return out
-
-
-def tiles_supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
-    """Whether quant_mm_tiles can run such a weight (and this Triton has Gluon: 3.4 on)."""
-    try:
-        from stageserve.kernels import quant_tc_tiles as qt
-    except ImportError:
-        return False
-    return qt.supports(n, k, group, bits, has_offsets)
-
-
-def wg_tiles_supports(n: int, k: int, group: int, bits: int, has_offsets: bool, device: torch.device) -> bool:
-    """Whether quant_mm_wg_tiles can run such a weight on `device` (a Hopper GPU, a Triton with Gluon)."""
-    return wgmma_capable(device) and tiles_supports(n, k, group, bits, has_offsets)
-
-
 def _block_w(num_words: int, choices) -> int:
     """The largest word count per K step that divides a row (the kernels' K loops are unmasked)."""
     return next(w for w in choices if num_words % w == 0)
@@ -717,33 +614,6 @@ def quant_mm_t(
     )  # fmt: skip
     if splits > 1:
         torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(dim=0))
-    return out
-
-
-def dequantize_tiles(
-    tiles: torch.Tensor,  # int32 [N // 16, 2 K]: quant_ref.tile_int4 of 4-bit codes
-    scales: torch.Tensor,  # [N, K // group]
-    offsets: torch.Tensor,  # [N, K // group]
-    dtype: torch.dtype,
-    *, out: torch.Tensor | None = None,  # [N, K]
-    blocks: tuple[int, int] | None = None,  # (stripes, 64-column blocks) per program; default by device
-) -> torch.Tensor:  # [N, K] in dtype
-    """`dequantize` for a weight in the tile layout, read in place (no untiling first)."""
-    n, k = tiles.shape[0] * 16, tiles.shape[1] // 2
-    device = tiles.device
-    check_launch_device(device)
-    check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
-    assert offsets is not None, "dequantize_tiles: 4-bit weights need offsets (their q is unsigned)"
-    group = _check_groups(scales, offsets, n, k, device)
-    assert dtype in FLOAT_DTYPES
-    if out is None:
-        out = torch.empty(n, k, dtype=dtype, device=device)
-    check_tensor(out, "out", shape=(n, k), dtypes=(dtype,), device=device)
-    block_s, block_j = blocks or ((1, 1) if interpreting() else (2, 2))
-    _dequantize_tiles_kernel[(triton.cdiv(n // 16, block_s), triton.cdiv(k // 64, block_j))](
-        tiles, scales, offsets, out, n, k, tiles.stride(0), scales.stride(0), out.stride(0),
-        GROUP=group, BLOCK_S=block_s, BLOCK_J=block_j,
-    )  # fmt: skip
     return out
 
 

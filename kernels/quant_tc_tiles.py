@@ -217,7 +217,7 @@ def supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
 
 
 def launch(x, tiles, scales, offsets, out, *, m, n, k, group, config: TileMmaConfig, sms: int) -> None:
-    """Launch on prepared tensors (quant_matmul.quant_mm_tiles checks them): quant_mm_gluon's grid, batch
+    """Launch on prepared tensors (quant_tiles.quant_mm_tiles checks them): quant_mm_gluon's grid, batch
     tiles and K splits."""
     assert config.block_n % (16 * config.num_warps) == 0, f"{config}: block_n must be a multiple of 16 * num_warps"
     launch_split_k(_tc_tiles_kernel, x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group,

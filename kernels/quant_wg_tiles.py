@@ -135,7 +135,7 @@ def block_mb(m: int, config: WgmmaConfig) -> int:
 
 
 def launch(x, tiles, scales, offsets, out, *, m, n, k, group, config: WgmmaConfig, sms: int) -> None:
-    """Launch on prepared tensors (quant_matmul.quant_mm_wg_tiles checks them)."""
+    """Launch on prepared tensors (quant_tiles.quant_mm_wg_tiles checks them)."""
     assert config.num_warps % 4 == 0 and config.block_n % (16 * config.num_warps) == 0, f"{config}: bad shape"
     launch_split_k(_wg_tiles_kernel, x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group,
                    block_k=step_k(group), config=config, sms=sms, batch_tile=block_mb(m, config))  # fmt: skip

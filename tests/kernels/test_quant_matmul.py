@@ -12,7 +12,6 @@ import torch
 from stageserve.kernels.quant_matmul import (
     codes_fit,
     dequantize,
-    dequantize_tiles,
     dequantize_ref,
     gluon_supports,
     pack_int4,
@@ -23,13 +22,10 @@ from stageserve.kernels.quant_matmul import (
     quant_matmul_ref,
     quant_mm,
     quant_mm_t,
-    quant_mm_tiles,
-    quant_mm_wg_tiles,
-    tiles_supports,
-    wg_tiles_supports,
     unpack_int4,
 )
 from stageserve.kernels.quant_ref import tile_int4, untile_int4
+from stageserve.kernels.quant_tiles import dequantize_tiles, quant_mm_tiles, quant_mm_wg_tiles, tiles_supports, wg_tiles_supports
 from stageserve.kernels.testing import TOLERANCE, rel_error
 
 # name: (bits, group or None for per-channel, has offsets, scale dtype)

@@ -164,9 +164,9 @@ class PackedLinear(QuantizedLinear):
         with offsets, on CUDA, whole 16 x 64 tiles), else as it came."""
         if self.spec.int4_layout != "tiles" or p.qweight.device.type != "cuda":
             return p
-        from stageserve.kernels import quant_matmul as qm
+        from stageserve.kernels import quant_tiles as qtl
 
-        return p.tiled() if qm.tiles_supports(*p.shape, p.group_size, p.bits, p.offsets is not None) else p
+        return p.tiled() if qtl.tiles_supports(*p.shape, p.group_size, p.bits, p.offsets is not None) else p
 
     def weight_bytes(self) -> int:
         extra = 0 if self.input_scale is None else self.input_scale.numel() * self.input_scale.element_size()
@@ -204,16 +204,17 @@ class PackedLinear(QuantizedLinear):
 
         p = self.packed
         if p.layout == "tiles":
+            from stageserve.kernels import quant_tiles as qtl
             from stageserve.kernels.quant_tc_tiles import CONFIGS as TILE_CONFIGS
 
-            kernels = {f"tc_{c.label()}": lambda x, c=c: qm.quant_mm_tiles(x, p.qweight, p.scales, p.offsets, config=c)
+            kernels = {f"tc_{c.label()}": lambda x, c=c: qtl.quant_mm_tiles(x, p.qweight, p.scales, p.offsets, config=c)
                        for c in TILE_CONFIGS}  # fmt: skip
-            if qm.wg_tiles_supports(*p.shape, p.group_size, p.bits, True, p.qweight.device):  # Hopper: warpgroup MMA
+            if qtl.wg_tiles_supports(*p.shape, p.group_size, p.bits, True, p.qweight.device):  # Hopper: warpgroup MMA
                 from stageserve.kernels.quant_wg_tiles import CONFIGS as WG_CONFIGS
 
                 for c in WG_CONFIGS:
-                    kernels[c.label()] = lambda x, c=c: qm.quant_mm_wg_tiles(x, p.qweight, p.scales, p.offsets, config=c)
-            kernels["dequant"] = lambda x: x @ qm.dequantize_tiles(p.qweight, p.scales, p.offsets, x.dtype).t()
+                    kernels[c.label()] = lambda x, c=c: qtl.quant_mm_wg_tiles(x, p.qweight, p.scales, p.offsets, config=c)
+            kernels["dequant"] = lambda x: x @ qtl.dequantize_tiles(p.qweight, p.scales, p.offsets, x.dtype).t()
             self._table = (p, kernels, next(iter(kernels)))
             return self._table
         codes = qm.codes_fit(p.bits, p.group_size, p.offsets is not None)
