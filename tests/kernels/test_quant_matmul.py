@@ -234,6 +234,38 @@ def test_tile_kernel_unpack_order():
     assert torch.equal(a.float(), 128 + q.float())
 
 
+@pytest.mark.parametrize("group,block_k", [(128, 128), (64, 64), (32, 64), (32, 128), (48, 64)])
+def test_tile_kernels_dequantize_with_the_right_scale_per_row_and_word(group, block_k):
+    """dequant_operand (quant_tc_tiles.py), replayed with torch ops on one program's words at its second K
+    step: the scale index per row (16 i + g, and + 8 for registers r = 1) and per word (column 64 j + 16 jj,
+    for groups smaller than a step), the two bf16 fmas per pair, then the operand's permute. It must give the
+    dequantized weight in row and k order, up to the bfloat16 rounding of scale, offset and result."""
+    block_n, k = 32, 2 * block_k + 64 * (group == 48)  # 48: groups that straddle steps
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randint(0, 16, (block_n, k), generator=gen, dtype=torch.int32).to(torch.uint8)
+    scales = (torch.rand(block_n, k // group, generator=gen) * 0.1 + 0.01).to(torch.float16)
+    offsets = (torch.randn(block_n, k // group, generator=gen) * 0.1).to(torch.float16)
+    k0 = block_k  # the second step
+    w = tile_int4(pack_int4(q)).view(block_n // 16, k // 64, 8, 4, 4)[:, k0 // 64 : (k0 + block_k) // 64]  # [TI, TJ, g, t, jj]
+    ti, tj = w.shape[:2]
+    rows = (16 * torch.arange(ti)[:, None] + torch.arange(8)[None, :])[:, None, :, None, None]  # s_lo's rows
+    if group % block_k == 0:
+        g_idx = torch.full((1, tj, 1, 1, 4), k0 // group)
+    else:
+        g_idx = (k0 + 64 * torch.arange(tj)[None, :, None, None, None] + 16 * torch.arange(4)[None, None, None, None, :]) // group
+    bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731  (_bf16_pair rounds scale and offset)
+    pair = {r: (bf(scales.float()[rows + 8 * r, g_idx]), bf(offsets.float()[rows + 8 * r, g_idx])) for r in (0, 1)}
+    regs = []
+    for sreg in range(4):  # register s = r + 2 c: rows + 8 r
+        s_, o_ = pair[sreg % 2]
+        codes = [((w >> 4 * (sreg + 4 * e)) & 0xF).float() for e in (0, 1)]  # fma(128 + q, 1, -128) = q exactly
+        regs.append(torch.stack([bf(c * s_ + o_) for c in codes], dim=-1))  # [TI, TJ, g, t, jj, e]
+    v = torch.stack((torch.stack((regs[0], regs[1]), dim=-2), torch.stack((regs[2], regs[3]), dim=-2)), dim=-2)
+    a = v.permute(0, 5, 2, 1, 4, 6, 3, 7).reshape(block_n, block_k)  # [TI, r, g, TJ, jj, c, t, e]
+    ref = dequantize_ref(pack_int4(q), scales, offsets, 4)[:, k0 : k0 + block_k]
+    assert torch.allclose(a, ref, rtol=2**-7, atol=2e-3)
+
+
 @pytest.mark.parametrize("nk,group", [((48, 256), 64), ((32, 192), 64), ((16, 128), 128), ((48, 192), 32)])
 def test_dequantize_tiles_reads_the_tile_layout_in_place(device, gen, nk, group):
     """dequantize_tiles on tile_int4's words equals dequantizing the rows layout (K = 192: a partial column
