@@ -134,7 +134,7 @@ class EngineConfig:
         metadata={"help": "4-bit weights with offsets (int4, gguf q4_0/q4_1) on a CUDA GPU: rows (the layout every "
                   "kernel reads) or tiles (re-laid at load in the tensor cores' fragment order, same bytes: mma.sync "
                   "kernels at every batch, on Hopper warpgroup-MMA kernels from batch 16, dequantize + GEMM the "
-                  "tuner's fallback; faster from batch 2-16 up, slower at batch 1). Shapes that do not fit stay rows"},
+                  "tuner's fallback; measured faster than rows from batch 2 up, slower at batch 1). Shapes that do not fit stay rows"},
     )  # fmt: skip
     quant_cpu_kernels: Literal["auto", "reference"] = field(
         default="auto",
