@@ -95,14 +95,10 @@ def quant_mm_wg_tiles(
 
 def _launch_tiles(module, name: str, x_dtypes, x, tiles, scales, offsets, config, out) -> torch.Tensor:
     """Check a tile-layout kernel's operands, then run `module.launch` (module.CONFIGS[0] by default)."""
-    m, k = x.shape
     device = x.device
-    check_launch_device(device)
+    n, k, group = _check_tiled_weight(name, tiles, scales, offsets, device)
+    m = x.shape[0]
     check_tensor(x, "x", shape=(m, k), dtypes=x_dtypes, device=device)
-    n = tiles.shape[0] * 16
-    check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
-    assert offsets is not None, f"{name}: 4-bit weights need offsets (their q is unsigned)"
-    group = check_groups(scales, offsets, n, k, device)
     assert module.supports(n, k, group, 4, True), f"{name}: N={n}, K={k}, group {group} does not fit"
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=device)
@@ -111,6 +107,16 @@ def _launch_tiles(module, name: str, x_dtypes, x, tiles, scales, offsets, config
         module.launch(x, tiles, scales, offsets, out, m=m, n=n, k=k, group=group, config=config or module.CONFIGS[0],
                       sms=num_sms(device))  # fmt: skip
     return out
+
+
+def _check_tiled_weight(name: str, tiles, scales, offsets, device) -> tuple[int, int, int]:
+    """Assert a weight in the tile layout (int32 [N // 16, 2 K], with offsets) on a device that can launch;
+    returns (N, K, group)."""
+    check_launch_device(device)
+    n, k = tiles.shape[0] * 16, tiles.shape[1] // 2
+    check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
+    assert offsets is not None, f"{name}: 4-bit weights need offsets (their q is unsigned)"
+    return n, k, check_groups(scales, offsets, n, k, device)
 
 
 def tiles_supports(n: int, k: int, group: int, bits: int, has_offsets: bool) -> bool:
@@ -136,12 +142,8 @@ def dequantize_tiles(
     blocks: tuple[int, int] | None = None,  # (stripes, 64-column blocks) per program; default by device
 ) -> torch.Tensor:  # [N, K] in dtype
     """`dequantize` for a weight in the tile layout, read in place (no untiling first)."""
-    n, k = tiles.shape[0] * 16, tiles.shape[1] // 2
     device = tiles.device
-    check_launch_device(device)
-    check_tensor(tiles, "tiles", shape=(n // 16, 2 * k), dtypes=(torch.int32,), device=device)
-    assert offsets is not None, "dequantize_tiles: 4-bit weights need offsets (their q is unsigned)"
-    group = check_groups(scales, offsets, n, k, device)
+    n, k, group = _check_tiled_weight("dequantize_tiles", tiles, scales, offsets, device)
     assert dtype in FLOAT_DTYPES
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=device)

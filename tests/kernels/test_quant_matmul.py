@@ -309,16 +309,7 @@ def test_quant_mm_tiles(device, gen, fmt, m, nk):
     not multiples of the MMA's 8 columns, narrow (split K) and SmolLM2-sized shapes."""
     from stageserve.kernels.quant_tc_tiles import CONFIGS
 
-    n, k = nk
-    qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
-    if not tiles_supports(n, k, k // scales.shape[1], bits, True):
-        pytest.skip(f"{fmt} N={n} K={k}: not whole tiles")
-    tiles = tile_int4(qweight.cpu()).to(device)
-    x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
-    ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
-    for config in CONFIGS:
-        assert rel_error(quant_mm_tiles(x, tiles, scales, offsets, config=config), ref) < TOLERANCE[torch.bfloat16], config
-
+    check_tile_kernel(quant_mm_tiles, CONFIGS, tiles_supports, device, gen, fmt, m, nk)
 
 
 @pytest.mark.gpu
@@ -330,12 +321,18 @@ def test_quant_mm_wg_tiles(device, gen, fmt, m, nk):
     batches that are and are not multiples of the batch tile, narrow (split K) and SmolLM2-sized shapes."""
     from stageserve.kernels.quant_wg_tiles import CONFIGS
 
+    check_tile_kernel(quant_mm_wg_tiles, CONFIGS, lambda *fit: wg_tiles_supports(*fit, device), device, gen, fmt, m, nk)
+
+
+def check_tile_kernel(kernel, configs, fits, device, gen, fmt: str, m: int, nk: tuple[int, int]) -> None:
+    """A tile-layout kernel under every launch configuration against the reference, on a bfloat16 x; skips
+    where `fits(n, k, group, bits, has_offsets)` says the weight or the device does not fit."""
     n, k = nk
     qweight, scales, offsets, bits = make_weight(fmt, n, k, gen, device)
-    if not wg_tiles_supports(n, k, k // scales.shape[1], bits, True, device):
-        pytest.skip(f"{fmt} N={n} K={k} on {torch.cuda.get_device_name(device)}: not whole tiles, or not Hopper")
+    if not fits(n, k, k // scales.shape[1], bits, True):
+        pytest.skip(f"{fmt} N={n} K={k} on {torch.cuda.get_device_name(device)}: not whole tiles, or not this GPU")
     tiles = tile_int4(qweight.cpu()).to(device)
     x = torch.randn(m, k, generator=gen, device=device).to(torch.bfloat16)
     ref = quant_matmul_ref(x, qweight, scales, offsets, bits)
-    for config in CONFIGS:
-        assert rel_error(quant_mm_wg_tiles(x, tiles, scales, offsets, config=config), ref) < TOLERANCE[torch.bfloat16], config
+    for config in configs:
+        assert rel_error(kernel(x, tiles, scales, offsets, config=config), ref) < TOLERANCE[torch.bfloat16], config

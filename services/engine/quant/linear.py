@@ -250,7 +250,7 @@ class PackedLinear(QuantizedLinear):
         if p.layout == "tiles":  # warpgroup MMA from 16 rows where it runs (Hopper), else up to fused_max_batch
             kernels, first = self._kernel_table()[1:]
             wg = next((k for k in kernels if k.startswith("wg_")), None)
-            if wg is not None and m >= 16 and x.dtype == torch.bfloat16:
+            if wg is not None and _fits(wg, x):
                 fixed = wg
             else:
                 fixed = first if m <= spec.fused_max_batch else "dequant"
@@ -377,8 +377,10 @@ def _agreeing(candidates: dict, x: torch.Tensor, reference: str, key: tuple = ()
 
     ref = candidates[reference](x).float()
     ref_norm = ref.norm().item()
-    kept = {}
+    kept = {reference: candidates[reference]}
     for name, kernel in candidates.items():
+        if name == reference:
+            continue
         try:
             out = kernel(x).float()
         except OutOfResources:
