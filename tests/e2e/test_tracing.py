@@ -150,33 +150,44 @@ def test_verbose_level_traces_each_decode_step_its_remote_sample_and_draft_calls
     attach = wait_for_spans(collector, bytes.fromhex(trace_id), {"stageserve.v1.Decode/Attach"})
     attach_id = next(s.span_id for _, s in attach if s.name == "stageserve.v1.Decode/Attach")
 
-    # Each step is a root span of its own trace, linked to the request's Attach span.
+    # Each step is a root span of its own trace, linked to the request's Attach span. Every service exports
+    # its spans on its own schedule, so wait until the whole tree has arrived, not only the decode steps.
     deadline = time.monotonic() + 15
     while True:
         spans = [s for _, s in collector.snapshot()]
-        steps = [s for s in spans if s.name == "engine.step" and any(link.span_id == attach_id for link in s.links)]
-        if len(steps) >= PARAMS.max_tokens - 1 or time.monotonic() > deadline:
+        steps, calls, served, proposals, drafted = verbose_tree(spans, attach_id)
+        sampled = len(steps) >= PARAMS.max_tokens - 1 and len(calls) == len(served) == len(steps)
+        if sampled and proposals and len(drafted) == len(proposals):
+            break
+        if time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert len(steps) >= PARAMS.max_tokens - 1  # the first token comes from prefill
     assert all(not s.parent_span_id and s.trace_id != bytes.fromhex(trace_id) for s in steps)
 
     # Under each step: the remote sample call, and under it the Sample service's server span.
-    step_ids = {s.span_id for s in steps}
-    calls = {s.span_id: s for s in spans if s.name == "sample.remote" and s.parent_span_id in step_ids}
-    served = [s for s in spans if s.name == "stageserve.v1.Sample/Sample" and s.parent_span_id in calls]
     assert len(calls) == len(steps) and len(served) == len(steps)
     assert all({a.key for a in c.attributes} >= {"stageserve.sample.rows"} for c in calls.values())
 
     # Draft proposals hang off the steps too, with the Draft service's span under each (one ProposeBatch
     # per replica, and there is one replica); every step says how many draft tokens it verified and accepted.
-    proposals = {s.span_id: s for s in spans if s.name == "draft.propose" and s.parent_span_id in step_ids}
     assert proposals, "the first decode step asks the draft for proposals"
-    drafted = [s for s in spans if s.name == "stageserve.v1.Draft/ProposeBatch" and s.parent_span_id in proposals]
     assert len(drafted) == len(proposals)
     for step in steps:
         keys = {a.key for a in step.attributes}
         assert {"stageserve.speculative.proposed_tokens", "stageserve.speculative.accepted_tokens"} <= keys
+
+
+def verbose_tree(spans: list, attach_id: bytes) -> tuple[list, dict, list, dict, list]:
+    """The decode steps linked to `attach_id`; the remote sample calls under them and the Sample service's
+    server spans under those; the draft proposals under the steps and the Draft service's spans under those."""
+    steps = [s for s in spans if s.name == "engine.step" and any(link.span_id == attach_id for link in s.links)]
+    step_ids = {s.span_id for s in steps}
+    calls = {s.span_id: s for s in spans if s.name == "sample.remote" and s.parent_span_id in step_ids}
+    served = [s for s in spans if s.name == "stageserve.v1.Sample/Sample" and s.parent_span_id in calls]
+    proposals = {s.span_id: s for s in spans if s.name == "draft.propose" and s.parent_span_id in step_ids}
+    drafted = [s for s in spans if s.name == "stageserve.v1.Draft/ProposeBatch" and s.parent_span_id in proposals]
+    return steps, calls, served, proposals, drafted
 
 
 def scrape(cluster: Cluster, name: str) -> dict[str, dict[str, float]]:
