@@ -96,16 +96,26 @@ class TensorParallelRunner(ModelRunner):
             super().write_kv(layer, block_ids, local_kv_heads(pages, self.shard))
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the other ranks (rank 0 only); idempotent."""
+        """Stop the other ranks (rank 0 only); idempotent, and bounded by about 2 timeout_s + 5 s.
+
+        STOP is a broadcast, which needs every rank: with one gone it is not sent, since gloo does not always
+        fail a send to a dead peer at once (a CI run hung here for good). A rank that dies while it is sent
+        leaves the sending thread behind after timeout_s; every rank is then terminated."""
         if not self.children:
             return
         with self._lock:
-            try:
-                self.channel.send(Message(Op.STOP, [], torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)))
-            except RuntimeError:  # a rank already gone: its connection is closed
-                pass
+            if all(proc.poll() is None for proc in self.children):
+                sender = threading.Thread(target=self._send_stop, name="tp-stop", daemon=True)
+                sender.start()
+                sender.join(timeout_s)
             stop_processes(self.children, timeout_s)
             self.children = []
+
+    def _send_stop(self) -> None:
+        try:
+            self.channel.send(Message(Op.STOP, [], torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.uint8)))
+        except RuntimeError:  # a rank gone meanwhile: its connection is closed
+            pass
 
     def _check_children(self) -> None:
         for rank, proc in enumerate(self.children, start=1):
